@@ -1,0 +1,589 @@
+"""Hugging Face <-> deepseek_jax: configs, safetensors checkpoints (fp32 / bf16 / FP8 block-scaled) and a CLI.
+
+Spec sections 1 (config fields), 3 (YaRN), 6 (MTP tensors), 7 (FP8 scales) and 8 (HF names and layouts).
+HF Linear weights are [out, in]; our kernels are [in, out]. RoPE rows load unchanged: our MLA rotates the
+original interleaved pairs, as HF V2 and HF V3 with `rope_interleave=True` do.
+
+  python -m deepseek_jax.convert import --hf HF_DIR --out CKPT_DIR    # -> CKPT_DIR/{config.yaml, params/}
+  python -m deepseek_jax.convert export --ckpt CKPT_DIR --out HF_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import struct
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from deepseek_jax.config import ConfigError, ModelConfig
+
+Path = tuple  # keys into the params pure dict, e.g. ("layers", 3, "attn", "wq_b")
+
+
+class ConversionError(ValueError):
+  """A checkpoint or config cannot be converted; the message is one line naming the tensor, key or file."""
+
+
+# Fields with no HF counterpart: taken from `base` (default ModelConfig()) on import.
+_NON_HF_FIELDS = ("seq_aux_alpha", "init_std", "dtype", "moe_impl", "capacity_factor", "attn_impl", "remat")
+_YARN_FIELDS = ("original_seq_len", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+# transformers 5.23 class defaults for the keys read below, used when a config.json omits one.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v3": dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1, n_routed_experts=256,
+        routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+        qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
+        norm_topk_prob=True, max_position_embeddings=4096, rms_norm_eps=1e-6, num_nextn_predict_layers=1),
+    "deepseek_v2": dict(
+        vocab_size=102400, hidden_size=4096, intermediate_size=11008, moe_intermediate_size=1407,
+        num_hidden_layers=32, num_attention_heads=32, n_shared_experts=2, n_routed_experts=64,
+        routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+        qk_nope_head_dim=128, n_group=None, topk_group=None, num_experts_per_tok=None, first_k_dense_replace=0,
+        norm_topk_prob=False, max_position_embeddings=2048, rms_norm_eps=1e-6, topk_method="greedy"),
+}
+
+
+# Configs -------------------------------------------------------------------------------------------------
+
+def _check_supported(hf: dict[str, Any], kind: str) -> None:
+  """One-line errors for HF options our model does not implement."""
+  bad = {"attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "hidden_act": "silu",
+         "pretraining_tp": 1}
+  for key, ok in bad.items():
+    if hf.get(key, ok) not in (ok, None):
+      raise ConversionError(f"config.json: {key}={hf[key]!r} is not supported (only {ok!r})")
+  heads, kv_heads = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
+  if kv_heads not in (None, heads):
+    raise ConversionError(f"config.json: num_key_value_heads={kv_heads} must equal num_attention_heads={heads} "
+                          "(MLA has one key per head)")
+  if kind == "deepseek_v3" and hf.get("rope_interleave", True) is not True:
+    raise ConversionError("config.json: rope_interleave=false is not supported (the rope rows would need a "
+                          "permutation; spec section 3)")
+  quant = hf.get("quantization_config")
+  if quant and (quant.get("quant_method") != "fp8" or quant.get("fmt", "e4m3") != "e4m3"):
+    raise ConversionError(f"config.json: quantization_config {quant} is not supported (only fp8 e4m3 blocks)")
+
+
+def _rope_fields(hf: dict[str, Any], base: ModelConfig) -> dict[str, Any]:
+  """rope_parameters (transformers 5.x) or rope_scaling + rope_theta (Hub / 4.x) -> our YaRN fields."""
+  rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+  if any(isinstance(v, dict) for v in rope.values()):
+    raise ConversionError("config.json: per-layer-type rope_parameters are not supported")
+  theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type == "default":
+    return dict(rope_theta=theta, rope_factor=1.0, **{f: getattr(base, f) for f in _YARN_FIELDS})
+  if rope_type != "yarn":
+    raise ConversionError(f"config.json: rope type {rope_type!r} is not supported (only 'default' or 'yarn')")
+  if rope.get("truncate", True) is not True or rope.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ConversionError("config.json: yarn with truncate=false or partial_rotary_factor != 1 is not supported")
+  max_pos = hf["max_position_embeddings"]
+  orig = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos
+  return dict(rope_theta=theta, rope_factor=float(rope.get("factor") or max_pos / orig), original_seq_len=int(orig),
+              beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+              mscale=float(rope.get("mscale") or 0.0), mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0))
+
+
+def _routing_fields(hf: dict[str, Any], kind: str) -> dict[str, Any]:
+  if kind == "deepseek_v3":   # HF's V3 hard-codes sigmoid + noaux_tc (spec section 8, gotcha 6)
+    if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
+      raise ConversionError("config.json: deepseek_v3 supports only scoring_func='sigmoid', topk_method='noaux_tc'")
+    groups, limited = hf["n_group"] or 1, hf["topk_group"] or 1
+    return dict(score_func="sigmoid", router_bias=True, norm_topk_prob=bool(hf["norm_topk_prob"]),
+                n_expert_groups=groups, n_limited_groups=limited)
+  method = hf["topk_method"]
+  if hf.get("scoring_func", "softmax") != "softmax" or method not in ("greedy", "group_limited_greedy"):
+    raise ConversionError(f"config.json: deepseek_v2 supports scoring_func='softmax' with topk_method 'greedy' "
+                          f"or 'group_limited_greedy', got {hf.get('scoring_func')!r} / {method!r}")
+  if hf["norm_topk_prob"]:  # HF 5.x ignores it, the Hub remote code renormalizes: ambiguous, so refuse
+    raise ConversionError("config.json: norm_topk_prob=true is not supported for deepseek_v2")
+  greedy = method == "greedy"
+  return dict(score_func="softmax", router_bias=False, norm_topk_prob=False,
+              n_expert_groups=1 if greedy else hf["n_group"], n_limited_groups=1 if greedy else hf["topk_group"])
+
+
+def config_from_hf(hf: dict[str, Any], base: ModelConfig | None = None) -> ModelConfig:
+  """A HF config.json dict (model_type deepseek_v3 or deepseek_v2) -> ModelConfig.
+
+  Fields HF does not describe (dtype, init_std, moe_impl, ...) come from `base` (default `ModelConfig()`).
+  """
+  base = base or ModelConfig()
+  kind = hf.get("model_type")
+  if kind not in _HF_DEFAULTS:
+    raise ConversionError(f"config.json: model_type={kind!r} is not supported (expected one of {list(_HF_DEFAULTS)})")
+  hf = {**_HF_DEFAULTS[kind], **hf}
+  _check_supported(hf, kind)
+  n_mtp = hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) if kind == "deepseek_v3" else 0
+  fields = dict(
+      vocab_size=hf["vocab_size"], dim=hf["hidden_size"], inter_dim=hf["intermediate_size"],
+      moe_inter_dim=hf["moe_intermediate_size"], n_layers=hf["num_hidden_layers"],
+      n_dense_layers=hf["first_k_dense_replace"], moe_layer_freq=hf.get("moe_layer_freq", 1),
+      n_heads=hf["num_attention_heads"], attn_type="mla", q_lora_rank=hf["q_lora_rank"] or 0,
+      kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+      qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"], n_routed_experts=hf["n_routed_experts"],
+      n_shared_experts=hf["n_shared_experts"] or 0, n_activated_experts=hf["num_experts_per_tok"],
+      route_scale=float(hf["routed_scaling_factor"]), max_seq_len=hf["max_position_embeddings"],
+      rms_norm_eps=float(hf["rms_norm_eps"]), n_mtp_layers=n_mtp or 0,
+      **_routing_fields(hf, kind), **_rope_fields(hf, base), **{f: getattr(base, f) for f in _NON_HF_FIELDS})
+  try:
+    cfg = ModelConfig(**fields)
+  except (ConfigError, TypeError) as e:
+    raise ConversionError(f"config.json: {e}") from None
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  if rope.get("attention_factor") is not None:
+    from deepseek_jax.rope import attention_factor
+    if not math.isclose(rope["attention_factor"], attention_factor(cfg), rel_tol=1e-6):
+      raise ConversionError(f"config.json: yarn attention_factor={rope['attention_factor']} differs from the "
+                            f"value implied by mscale/mscale_all_dim ({attention_factor(cfg)}); not supported")
+  return cfg
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  """ModelConfig -> a transformers 5.x config.json dict (deepseek_v3 for sigmoid + bias, deepseek_v2 for softmax)."""
+  if cfg.attn_type != "mla":
+    raise ConversionError("only MLA models (V2/V3) have a native HF class; attn_type='mha' cannot be exported")
+  if cfg.moe_layer_freq != 1:
+    raise ConversionError(f"moe_layer_freq={cfg.moe_layer_freq}: HF's native classes ignore it (must be 1)")
+  v3 = cfg.score_func == "sigmoid"
+  if cfg.router_bias != v3 or (not v3 and cfg.norm_topk_prob):
+    raise ConversionError(f"score_func={cfg.score_func!r} with router_bias={cfg.router_bias}, norm_topk_prob="
+                          f"{cfg.norm_topk_prob} matches neither HF deepseek_v3 (sigmoid, bias) nor deepseek_v2")
+  limited = cfg.n_expert_groups > 1 and cfg.n_limited_groups < cfg.n_expert_groups
+  if cfg.rope_factor > 1.0:
+    rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
+            "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
+            "beta_slow": cfg.beta_slow}
+    rope.update({k: getattr(cfg, k) for k in ("mscale", "mscale_all_dim") if getattr(cfg, k)})
+  else:
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  hf = dict(
+      architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+      model_type="deepseek_v3" if v3 else "deepseek_v2", vocab_size=cfg.vocab_size, hidden_size=cfg.dim,
+      intermediate_size=cfg.inter_dim, moe_intermediate_size=cfg.moe_inter_dim, num_hidden_layers=cfg.n_layers,
+      first_k_dense_replace=cfg.n_dense_layers, moe_layer_freq=1, num_attention_heads=cfg.n_heads,
+      num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
+      qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+      n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
+      num_experts_per_tok=cfg.n_activated_experts, routed_scaling_factor=cfg.route_scale,
+      n_group=cfg.n_expert_groups if v3 or limited else 1, topk_group=cfg.n_limited_groups if v3 or limited else 1,
+      norm_topk_prob=cfg.norm_topk_prob, scoring_func=cfg.score_func,
+      topk_method="noaux_tc" if v3 else ("group_limited_greedy" if limited else "greedy"),
+      max_position_embeddings=cfg.max_seq_len, rope_parameters=rope, rms_norm_eps=cfg.rms_norm_eps,
+      hidden_act="silu", attention_bias=False, tie_word_embeddings=False)
+  if v3:
+    hf.update(rope_interleave=True, num_nextn_predict_layers=cfg.n_mtp_layers)
+  elif cfg.n_mtp_layers:
+    raise ConversionError("n_mtp_layers > 0 needs the deepseek_v3 format (sigmoid router with bias)")
+  return hf
+
+
+# Safetensors I/O -----------------------------------------------------------------------------------------
+# Read and written here directly: safetensors' numpy framework cannot produce BF16 or F8_E4M3 arrays.
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+class _Shard:
+  """One .safetensors file: header parsed and checked up front, tensors memory-mapped on demand."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+    try:
+      size = path.stat().st_size
+      with open(path, "rb") as f:
+        if size < 8:
+          raise ValueError(f"only {size} bytes")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if 8 + n > size:
+          raise ValueError(f"header length {n} exceeds the file size {size}")
+        header = json.loads(f.read(n))
+      self.start, self.entries = 8 + n, {k: v for k, v in header.items() if k != "__metadata__"}
+      for name, e in self.entries.items():
+        b, end = e["data_offsets"]
+        nbytes = math.prod(e["shape"]) * np.dtype(_DTYPES[e["dtype"]]).itemsize
+        if not 0 <= b <= end <= size - self.start or end - b != nbytes:
+          raise ValueError(f"tensor {name} has data_offsets {e['data_offsets']} outside the file or not {nbytes} "
+                           "bytes")
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+      msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise ConversionError(f"{path}: unreadable or corrupt safetensors file ({msg})") from None
+    self._map = None
+
+  def read(self, name: str) -> np.ndarray:
+    e = self.entries[name]
+    dtype, (b, end) = np.dtype(_DTYPES[e["dtype"]]), e["data_offsets"]
+    if end == b:
+      return np.zeros(e["shape"], dtype)
+    if self._map is None:
+      self._map = np.memmap(self.path, np.uint8, "r")
+    return self._map[self.start + b:self.start + end].view(dtype).reshape(e["shape"])
+
+
+def _write_safetensors(path: pathlib.Path, tensors: list[tuple[str, np.ndarray]]) -> None:
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, arr in tensors:
+    header[name] = {"dtype": _DTYPE_NAMES[arr.dtype], "shape": list(arr.shape),
+                    "data_offsets": [offset, offset + arr.nbytes]}
+    offset += arr.nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)   # the data section starts 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)) + blob)
+    for _, arr in tensors:
+      f.write(np.ascontiguousarray(arr).tobytes())
+
+
+def dequantize_fp8(w8: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = (128, 128)) -> np.ndarray:
+  """W[..., i, j] = float(W8[..., i, j]) * S[..., i // 128, j // 128] (spec section 7); ragged edge blocks allowed."""
+  rows, cols = w8.shape[-2:]
+  want = w8.shape[:-2] + (-(-rows // block[0]), -(-cols // block[1]))
+  if scale_inv.shape != want:
+    raise ValueError(f"scale shape {scale_inv.shape} does not match weight {w8.shape} (expected {want})")
+  s = np.repeat(np.repeat(scale_inv.astype(np.float32), block[0], axis=-2), block[1], axis=-1)
+  return w8.astype(np.float32) * s[..., :rows, :cols]
+
+
+class _Reader:
+  """All shards of a checkpoint directory: tensor lookup, FP8 dequantization, shape checks, used-name tracking."""
+
+  def __init__(self, directory: pathlib.Path, block: tuple[int, int]):
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+      try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+      except (ValueError, KeyError, AttributeError) as e:
+        raise ConversionError(f"{index}: unreadable index ({type(e).__name__}: {e})") from None
+      paths = [directory / f for f in files]
+    else:
+      paths = sorted(directory.glob("*.safetensors"))
+    if not paths:
+      raise ConversionError(f"{directory}: no *.safetensors files")
+    self.directory, self.block, self.shards, self.used = directory, block, {}, set()
+    for p in paths:
+      if not p.is_file():
+        raise ConversionError(f"{p}: listed in model.safetensors.index.json but missing")
+      shard = _Shard(p)
+      for name in shard.entries:
+        if name in self.shards:
+          raise ConversionError(f"{name}: present in both {self.shards[name].path.name} and {p.name}")
+        self.shards[name] = shard
+
+  def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The tensor as float32 (dequantized if it has a `_scale_inv` sibling); checks its shape."""
+    shard = self.shards.get(name)
+    if shard is None:
+      raise ConversionError(f"{name}: missing from the checkpoint in {self.directory}")
+    x = shard.read(name)
+    if x.shape != tuple(shape):
+      raise ConversionError(f"{name}: expected shape {tuple(shape)}, got {x.shape} in {shard.path}")
+    self.used.add(name)
+    scale_name = name + "_scale_inv"
+    if scale_name in self.shards:
+      self.used.add(scale_name)
+      try:
+        return dequantize_fp8(x, self.shards[scale_name].read(scale_name), self.block)
+      except ValueError as e:
+        raise ConversionError(f"{scale_name}: {e} in {self.shards[scale_name].path}") from None
+    if x.dtype.itemsize == 1:
+      raise ConversionError(f"{name}: {x.dtype} tensor without a {scale_name} in {shard.path}")
+    return x.astype(np.float32)
+
+
+# Name mapping --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+  """Our leaves `paths` <-> HF tensors `names` (of HF shapes `shapes`): `load` HF -> ours, `save` ours -> HF."""
+  paths: tuple[Path, ...]
+  names: tuple[str, ...]
+  shapes: tuple[tuple[int, ...], ...]
+  load: Callable[[list[np.ndarray]], list[np.ndarray]]
+  save: Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+def _copy(path: Path, name: str, shape: tuple[int, ...]) -> _Group:
+  return _Group((path,), (name,), (shape,), lambda a: a, lambda a: a)
+
+
+def _linear(path: Path, name: str, out: int, inp: int, our_shape: tuple[int, ...]) -> _Group:
+  """HF [out, in] <-> ours [in..., out...] (our kernel flattened row-major is the HF transpose)."""
+  return _Group((path,), (name,), ((out, inp),), lambda a: [a[0].T.reshape(our_shape)],
+                lambda a: [a[0].reshape(inp, out).T])
+
+
+def _zeros(path: Path, shape: tuple[int, ...]) -> _Group:
+  """A leaf with no HF tensor (V2's unused router bias): zeros on load, dropped on save."""
+  return _Group((path,), (), (), lambda a: [np.zeros(shape, np.float32)], lambda a: [])
+
+
+def _stacked(path: Path, names: tuple[str, ...], out: int, inp: int) -> _Group:
+  """Per-expert HF [out, in] tensors <-> ours [E, in, out]."""
+  return _Group((path,), names, ((out, inp),) * len(names), lambda a: [np.stack([x.T for x in a])],
+                lambda a: list(a[0].transpose(0, 2, 1)))
+
+
+def _mlp(path: Path, pfx: str, hidden: int, dim: int) -> list[_Group]:
+  return [_linear(path + ("w1",), pfx + "gate_proj.weight", hidden, dim, (dim, hidden)),
+          _linear(path + ("w3",), pfx + "up_proj.weight", hidden, dim, (dim, hidden)),
+          _linear(path + ("w2",), pfx + "down_proj.weight", dim, hidden, (hidden, dim))]
+
+
+def _experts(cfg: ModelConfig, path: Path, pfx: str, fused: bool) -> list[_Group]:
+  E, D, F = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+  if fused:   # transformers 5.x in memory: gate_up_proj [E, 2F, D] (gate rows first), down_proj [E, D, F]
+    return [_Group((path + ("w1",), path + ("w3",)), (pfx + "gate_up_proj",), ((E, 2 * F, D),),
+                   lambda a: [a[0][:, :F].transpose(0, 2, 1), a[0][:, F:].transpose(0, 2, 1)],
+                   lambda a: [np.concatenate(a, axis=2).transpose(0, 2, 1)]),
+            _Group((path + ("w2",),), (pfx + "down_proj",), ((E, D, F),), lambda a: [a[0].transpose(0, 2, 1)],
+                   lambda a: [a[0].transpose(0, 2, 1)])]
+  names = lambda proj: tuple(f"{pfx}{j}.{proj}.weight" for j in range(E))  # noqa: E731
+  return [_stacked(path + ("w1",), names("gate_proj"), F, D), _stacked(path + ("w3",), names("up_proj"), F, D),
+          _stacked(path + ("w2",), names("down_proj"), D, F)]
+
+
+def _block(cfg: ModelConfig, path: Path, pfx: str, moe: bool, fused: bool) -> list[_Group]:
+  D, H, Q, C = cfg.dim, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank
+  K, R, O, X = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.qk_head_dim
+  at, a = path + ("attn",), pfx + "self_attn."
+  g = [_copy(path + ("attn_norm", "weight"), pfx + "input_layernorm.weight", (D,)),
+       _copy(path + ("ffn_norm", "weight"), pfx + "post_attention_layernorm.weight", (D,))]
+  if Q:
+    g += [_linear(at + ("wq_a",), a + "q_a_proj.weight", Q, D, (D, Q)),
+          _copy(at + ("q_norm", "weight"), a + "q_a_layernorm.weight", (Q,)),
+          _linear(at + ("wq_b",), a + "q_b_proj.weight", H * X, Q, (Q, H, X))]
+  else:
+    g.append(_linear(at + ("wq",), a + "q_proj.weight", H * X, D, (D, H, X)))
+  g += [_linear(at + ("wkv_a",), a + "kv_a_proj_with_mqa.weight", C + R, D, (D, C + R)),
+        _copy(at + ("kv_norm", "weight"), a + "kv_a_layernorm.weight", (C,)),
+        _linear(at + ("wkv_b",), a + "kv_b_proj.weight", H * (K + O), C, (C, H, K + O)),
+        _linear(at + ("wo",), a + "o_proj.weight", D, H * O, (H, O, D))]
+  ft, m = path + ("ffn",), pfx + "mlp."
+  if not moe:
+    return g + _mlp(ft, m, cfg.inter_dim, D)
+  E = cfg.n_routed_experts
+  bias = _copy(ft + ("bias",), m + "gate.e_score_correction_bias", (E,)) if cfg.router_bias else None
+  g += [_linear(ft + ("gate",), m + "gate.weight", E, D, (D, E)), bias or _zeros(ft + ("bias",), (E,))]
+  if cfg.n_shared_experts:
+    g += _mlp(ft + ("shared_experts",), m + "shared_experts.", cfg.n_shared_experts * cfg.moe_inter_dim, D)
+  return g + _experts(cfg, ft, m + "experts.", fused)
+
+
+def _groups(cfg: ModelConfig, fused: bool) -> list[_Group]:
+  if cfg.attn_type != "mla":
+    raise ConversionError("only MLA models (V2/V3) map to HF tensors; attn_type='mha' is not supported")
+  V, D, L = cfg.vocab_size, cfg.dim, cfg.n_layers
+  g = [_copy(("embed",), "model.embed_tokens.weight", (V, D)), _copy(("norm", "weight"), "model.norm.weight", (D,)),
+       _linear(("head",), "lm_head.weight", V, D, (D, V))]
+  for i in range(L):
+    g += _block(cfg, ("layers", i), f"model.layers.{i}.", cfg.is_moe_layer(i), fused)
+  for k in range(cfg.n_mtp_layers):   # spec section 6: MTP module k is HF layer L + k
+    path, pfx = ("mtp", k), f"model.layers.{L + k}."
+    g += [_copy(path + ("enorm", "weight"), pfx + "enorm.weight", (D,)),
+          _copy(path + ("hnorm", "weight"), pfx + "hnorm.weight", (D,)),
+          _linear(path + ("eh_proj",), pfx + "eh_proj.weight", D, 2 * D, (2 * D, D)),
+          _copy(path + ("norm", "weight"), pfx + "shared_head.norm.weight", (D,))]
+    g += _block(cfg, path + ("block",), pfx, cfg.n_routed_experts > 0, fused)
+  return g
+
+
+def _leaf_shapes(tree: Any, prefix: Path = ()) -> dict[Path, tuple[int, ...]]:
+  if isinstance(tree, dict):
+    return {p: s for k, v in tree.items() for p, s in _leaf_shapes(v, prefix + (k,)).items()}
+  return {prefix: tuple(tree.shape)}
+
+
+def _check_tree(cfg: ModelConfig, tree: dict, what: str) -> None:
+  """`tree` must have exactly the leaves and shapes of `to_pure_dict(init_model(cfg))` (nothing allocated)."""
+  from flax import nnx
+  from deepseek_jax import model
+  want = _leaf_shapes(model.to_pure_dict(nnx.eval_shape(lambda: model.init_model(cfg))))
+  got = _leaf_shapes(tree)
+  for path in sorted(set(want) | set(got), key=str):
+    if want.get(path) != got.get(path):
+      name = ".".join(map(str, path))
+      raise ConversionError(f"{what}: params[{name}] expected shape {want.get(path)}, got {got.get(path)}")
+
+
+# Checkpoints ---------------------------------------------------------------------------------------------
+
+def load_hf_checkpoint(path: str | pathlib.Path, *, base: ModelConfig | None = None,
+                       load_mtp: bool = True) -> tuple[ModelConfig, dict]:
+  """Reads a HF DeepSeek-V2/V3 checkpoint directory -> (ModelConfig, params pure dict of float32 numpy arrays).
+
+  The dict has the structure of `model.to_pure_dict(model.init_model(cfg))`, router biases included (zeros
+  for V2, which has none). FP8 weights are dequantized with their `weight_scale_inv` block scales. Routed
+  experts may be per-expert (`experts.{j}.gate_proj.weight`, what checkpoints and `save_pretrained` hold) or
+  fused (`experts.gate_up_proj` / `experts.down_proj`, transformers 5.x in memory).
+
+  MTP: module k is `model.layers.{n_layers + k}.*`; its duplicate `shared_head.head` / `embed_tokens` copies are
+  ignored. If config.json announces MTP layers but the checkpoint has none (transformers' `save_pretrained`
+  drops them), or `load_mtp=False`, the returned config has n_mtp_layers=0.
+  Unknown tensors, missing tensors and wrong shapes raise a one-line ConversionError.
+  """
+  directory = pathlib.Path(path)
+  cfg_file = directory / "config.json"
+  if not cfg_file.is_file():
+    raise ConversionError(f"{cfg_file}: not found (not a Hugging Face checkpoint directory?)")
+  try:
+    hf = json.loads(cfg_file.read_text())
+  except (OSError, ValueError) as e:
+    raise ConversionError(f"{cfg_file}: unreadable JSON ({e})") from None
+  cfg = config_from_hf(hf, base)
+  block = tuple((hf.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+  reader = _Reader(directory, block)
+  mtp_prefixes = tuple(f"model.layers.{cfg.n_layers + k}." for k in range(cfg.n_mtp_layers))
+  has_mtp = any(n.startswith(mtp_prefixes) for n in reader.shards) if mtp_prefixes else False
+  ignored = {p + s for p in mtp_prefixes for s in ("shared_head.head.weight", "embed_tokens.weight")}
+  if not (load_mtp and has_mtp):
+    ignored |= {n for n in reader.shards if n.startswith(mtp_prefixes)} if mtp_prefixes else set()
+    cfg = dataclasses.replace(cfg, n_mtp_layers=0)
+  fused = any(n.endswith(".mlp.experts.gate_up_proj") for n in reader.shards)
+  params: dict = {}
+  for grp in _groups(cfg, fused):
+    arrays = grp.load([reader.get(n, s) for n, s in zip(grp.names, grp.shapes)])
+    for p, x in zip(grp.paths, arrays):
+      node = params
+      for key in p[:-1]:
+        node = node.setdefault(key, {})
+      node[p[-1]] = np.ascontiguousarray(x, dtype=np.float32)
+  unused = sorted(set(reader.shards) - reader.used - ignored)
+  unused = [n for n in unused if not n.endswith("rotary_emb.inv_freq")]
+  if unused:
+    raise ConversionError(f"{directory}: {len(unused)} unexpected tensor(s): {', '.join(unused[:5])}"
+                          + (", ..." if len(unused) > 5 else ""))
+  _check_tree(cfg, params, str(directory))
+  return cfg, params
+
+
+def save_hf_checkpoint(cfg: ModelConfig, params: dict, path: str | pathlib.Path, *, fused_experts: bool = False,
+                       max_shard_bytes: int = 4 << 30, dtype: str = "float32") -> None:
+  """Writes config.json + safetensors shards (with model.safetensors.index.json when there are several).
+
+  `params` is a pure dict as from `load_hf_checkpoint` / `to_pure_dict`. Routed experts are written per expert
+  (the checkpoint layout) unless `fused_experts`. Router biases stay float32; everything else is cast to
+  `dtype` ("float32", "bfloat16" or "float16"). MTP modules are written as layers n_layers + k without the
+  duplicate head/embedding copies. float32 export followed by `load_hf_checkpoint` is bitwise lossless.
+  """
+  if dtype not in ("float32", "bfloat16", "float16"):
+    raise ConversionError(f"dtype={dtype!r} is not one of float32, bfloat16, float16")
+  out_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+  hf = {**config_to_hf(cfg), "dtype": dtype}
+  _check_tree(cfg, params, "save_hf_checkpoint")
+  directory = pathlib.Path(path)
+  directory.mkdir(parents=True, exist_ok=True)
+  if stale := sorted(directory.glob("*.safetensors")):
+    raise ConversionError(f"{directory}: already holds {stale[0].name}; refusing to mix checkpoints")
+  shards: list[list[_Group]] = [[]]
+  size = 0
+  for grp in _groups(cfg, fused_experts):
+    nbytes = sum(math.prod(s) for s in grp.shapes) * out_dtype.itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(grp)
+    size += nbytes
+  n, weight_map, total = len(shards), {}, 0
+  for i, groups in enumerate(shards):
+    fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    tensors = []
+    for grp in groups:
+      ours = [np.asarray(_at(params, p), dtype=np.float32) for p in grp.paths]
+      for name, x in zip(grp.names, grp.save(ours)):
+        keep32 = name.endswith("e_score_correction_bias")
+        tensors.append((name, np.ascontiguousarray(x, np.float32 if keep32 else out_dtype)))
+        weight_map[name] = fname
+        total += tensors[-1][1].nbytes
+    _write_safetensors(directory / fname, tensors)
+  if n > 1:
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+  (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+
+
+def _at(tree: dict, path: Path) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+# CLI -----------------------------------------------------------------------------------------------------
+
+def _import(hf_dir: str, out: str, load_mtp: bool) -> None:
+  import jax
+  import orbax.checkpoint as ocp
+  import yaml
+  out_dir = pathlib.Path(out).absolute()
+  if (out_dir / "params").exists():
+    raise ConversionError(f"{out_dir / 'params'}: already exists")
+  cfg, params = load_hf_checkpoint(hf_dir, load_mtp=load_mtp)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(out_dir / "params", params)
+  (out_dir / "config.yaml").write_text(yaml.safe_dump({"model": dataclasses.asdict(cfg)}, sort_keys=False))
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  print(f"wrote {out_dir}/config.yaml and {out_dir}/params ({n_params:,} params)")
+
+
+def _export(ckpt: str, out: str, fused: bool, dtype: str, max_shard_gb: float) -> None:
+  import jax
+  import orbax.checkpoint as ocp
+  from flax import nnx
+  from deepseek_jax import config as config_lib
+  from deepseek_jax import model
+  ckpt_dir = pathlib.Path(ckpt).absolute()
+  if not (ckpt_dir / "params").is_dir():
+    raise ConversionError(f"{ckpt_dir / 'params'}: not found (expected the output of `convert import`)")
+  cfg = config_lib.load_config(ckpt_dir / "config.yaml").model
+  abstract = model.to_pure_dict(nnx.eval_shape(lambda: model.init_model(cfg)))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(ckpt_dir / "params", abstract)
+  save_hf_checkpoint(cfg, params, out, fused_experts=fused, dtype=dtype, max_shard_bytes=int(max_shard_gb * 2**30))
+  print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m deepseek_jax.convert",
+      description="Convert DeepSeek-V2/V3 checkpoints between Hugging Face safetensors and deepseek_jax "
+                  "(CKPT_DIR/config.yaml + CKPT_DIR/params, an Orbax checkpoint of the params pure dict).")
+  sub = parser.add_subparsers(dest="command", required=True)
+  imp = sub.add_parser("import", help="HF checkpoint directory -> deepseek_jax checkpoint directory")
+  imp.add_argument("--hf", required=True, help="directory with config.json and *.safetensors (fp32/bf16/fp8)")
+  imp.add_argument("--out", required=True, help="output directory (gets config.yaml and params/)")
+  imp.add_argument("--no-mtp", action="store_true", help="skip the MTP layers even if the checkpoint has them")
+  exp = sub.add_parser("export", help="deepseek_jax checkpoint directory -> HF checkpoint directory")
+  exp.add_argument("--ckpt", required=True, help="directory written by `import` (config.yaml + params/)")
+  exp.add_argument("--out", required=True, help="output directory for config.json and *.safetensors")
+  exp.add_argument("--fused-experts", action="store_true",
+                   help="write routed experts as fused gate_up_proj/down_proj (transformers 5.x in-memory layout)")
+  exp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  exp.add_argument("--max-shard-gb", type=float, default=4.0, help="maximum size of one safetensors file, GiB")
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "import":
+      _import(args.hf, args.out, not args.no_mtp)
+    else:
+      _export(args.ckpt, args.out, args.fused_experts, args.dtype, args.max_shard_gb)
+  except (ConversionError, ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,179 @@
+"""DeepSeek-V3 / V2 / DeepSeekMoE transformer with Multi-Token Prediction.
+
+Einsum letter glossary (also used as name suffixes, e.g. `x_BSD`):
+  B batch   S query positions   T key positions (or B*S flattened tokens in MoE code)   D model width
+  H heads   K nope head dim     R rope head dim   O value head dim   Q q latent   C kv latent
+  E routed experts   k top-k   F expert hidden   G expert groups   V vocab   M sorted assignments (T*k)
+
+Parameters live in `nnx.Param`s (float32), the router bias in `RouterBias` variables. Call `split_model`
+once, then use the pure function `apply(graphdef, params, bias, batch)` under jit/grad/vmap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax import rope
+from deepseek_jax.attention import MHA, MLA, attention_mask
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import MLP, RMSNorm, RouterBias, dtype_of, param
+from deepseek_jax.moe import MoE
+from sharding.rules import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: h += attn(norm(h)); h += ffn(norm(h)); ffn is dense or MoE."""
+
+  def __init__(self, cfg: ModelConfig, moe: bool, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+    self.attn = MLA(cfg, rngs=rngs) if cfg.attn_type == "mla" else MHA(cfg, rngs=rngs)
+    self.ffn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+    self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.inter_dim, rngs=rngs)
+    self.is_moe = moe
+
+  def __call__(self, h_BSD, cos_sin, mask_B1ST, token_mask_BS):
+    h_BSD = h_BSD + self.attn(self.attn_norm(h_BSD), cos_sin, mask_B1ST)
+    h_BSD = constrain(h_BSD, ("batch", "seq", "act_embed"))
+    if self.is_moe:
+      y_BSD, stats = self.ffn(self.ffn_norm(h_BSD), token_mask_BS)
+    else:
+      y_BSD, stats = self.ffn(self.ffn_norm(h_BSD)), None
+    return constrain(h_BSD + y_BSD, ("batch", "seq", "act_embed")), stats
+
+
+class MTPModule(nnx.Module):
+  """Depth-k MTP module: h' = eh_proj[enorm(emb(t_{i+k})) ; hnorm(h^{k-1}_i)], then one block, then a norm.
+
+  The embedding half comes first, as in the released checkpoints (`eh_proj` [D, 2D]); spec section 6.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.enorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+    self.hnorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+    self.eh_proj = param(rngs, (2 * cfg.dim, cfg.dim), (None, "embed"), cfg.init_std)
+    self.block = Block(cfg, cfg.n_routed_experts > 0, rngs=rngs)
+    self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)   # shared_head.norm
+
+
+class Transformer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg.init_std)
+    self.layers = nnx.List([Block(cfg, cfg.is_moe_layer(i), rngs=rngs) for i in range(cfg.n_layers)])
+    self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+    self.head = param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+    self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.n_mtp_layers)])
+
+  def _embed(self, tokens_BS):
+    return self.embed[...].astype(dtype_of(self.cfg))[tokens_BS]
+
+  def _logits(self, h_BSD):
+    logits = jnp.einsum("bsd,dv->bsv", h_BSD, self.head[...].astype(h_BSD.dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "seq", "act_vocab"))
+
+  def _run_block(self, block: Block, h_BSD, cos_sin, mask, token_mask):
+    if self.cfg.remat == "none":
+      return block(h_BSD, cos_sin, mask, token_mask)
+    fn = jax.checkpoint(lambda blk, h, cs, m, tm: blk(h, cs, m, tm), policy=REMAT_POLICIES[self.cfg.remat])
+    return fn(block, h_BSD, cos_sin, mask, token_mask)
+
+  def __call__(self, tokens_BS, positions_BS=None, segment_ids_BS=None, *, mtp: bool = True):
+    """Returns (logits_BSV float32, aux). aux: 'load' [n_moe, E], 'aux_loss', 'dropped', 'mtp_logits'
+    (list of [B, S, V]; entry k-1 predicts token i+k+1 from position i; its last k positions are junk)."""
+    cfg = self.cfg
+    B, S = tokens_BS.shape
+    if positions_BS is None:
+      positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    token_mask_BS = jnp.ones((B, S), bool) if segment_ids_BS is None else segment_ids_BS > 0
+    cos_sin = rope.cos_sin(cfg, positions_BS)
+    mask_B1ST = attention_mask(segment_ids_BS, S)
+
+    h_BSD = constrain(self._embed(tokens_BS), ("batch", "seq", "act_embed"))
+    stats = []
+    for block in self.layers:
+      h_BSD, st = self._run_block(block, h_BSD, cos_sin, mask_B1ST, token_mask_BS)
+      stats.append(st)
+    h_BSD = self.norm(h_BSD)
+    logits_BSV = self._logits(h_BSD)
+
+    mtp_logits = []
+    if mtp:
+      for k, module in enumerate(self.mtp, start=1):
+        # Position i combines h^{k-1}_i with the embedding of token i+k (rolled; the tail is junk, masked
+        # by the loss).
+        emb_BSD = self._embed(jnp.roll(tokens_BS, -k, axis=1))
+        x_BSD = jnp.concatenate([module.enorm(emb_BSD), module.hnorm(h_BSD)], axis=-1)
+        h_BSD = x_BSD @ module.eh_proj[...].astype(x_BSD.dtype)
+        h_BSD, st = self._run_block(module.block, h_BSD, cos_sin, mask_B1ST, token_mask_BS)
+        stats.append(st)
+        mtp_logits.append(self._logits(module.norm(h_BSD)))
+    return logits_BSV, _collect_stats(stats, mtp_logits)
+
+
+def _collect_stats(stats: list[Any], mtp_logits: list[jax.Array]) -> dict[str, Any]:
+  moe = [s for s in stats if s is not None]
+  zero = jnp.zeros((), jnp.float32)
+  return {
+      "load": jnp.stack([s["load"] for s in moe]) if moe else jnp.zeros((0, 0), jnp.float32),
+      "aux_loss": sum((s["aux_loss"] for s in moe), zero),
+      "dropped": sum((s["dropped"] for s in moe), jnp.zeros((), jnp.int32)),
+      "mtp_logits": mtp_logits,
+  }
+
+
+# Functional interface ----------------------------------------------------------------------------------
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def split_model(model: Transformer):
+  """-> (graphdef, params State, router-bias State). Both states are pytrees."""
+  graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
+  return graphdef, params, bias
+
+
+def apply(graphdef, params, bias, tokens_BS, positions_BS=None, segment_ids_BS=None, *, mtp: bool = True):
+  """Pure forward: (logits_BSV, aux)."""
+  model = nnx.merge(graphdef, params, bias)
+  return model(tokens_BS, positions_BS, segment_ids_BS, mtp=mtp)
+
+
+def abstract_model(cfg: ModelConfig):
+  """(graphdef, params, bias) with ShapeDtypeStruct leaves: no memory allocated (for big configs)."""
+  return split_model(nnx.eval_shape(lambda: init_model(cfg)))
+
+
+def param_axes(state) -> Any:
+  """Logical axis names of every variable in a State (same tree structure, tuples as leaves)."""
+  return jax.tree.map(lambda v: v.get_metadata().get("axes"), state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def to_pure_dict(model_or_state) -> dict:
+  """Nested dict of arrays (params and router biases together), e.g. for conversion and export."""
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+  return nnx.to_pure_dict(state)
+
+
+def from_pure_dict(cfg: ModelConfig, tree: dict) -> Transformer:
+  """Builds a model whose variables are the arrays of `tree` (structure must match `to_pure_dict`)."""
+  model = nnx.eval_shape(lambda: init_model(cfg))
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, tree)
+  nnx.update(model, state)
+  return model

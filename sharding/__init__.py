@@ -1,0 +1,1 @@
+"""Device mesh, logical-axis rules and expert parallelism. Every collective of the project lives here."""
