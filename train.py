@@ -44,9 +44,9 @@ def parse_args(argv=None):
 class Run:
   """Holds the mesh, the jitted steps and the placement of state and batches for one config."""
 
-  def __init__(self, cfg: Config):
+  def __init__(self, cfg: Config, devices=None):
     self.cfg = cfg
-    self.mesh = mesh_lib.make_mesh(cfg.mesh)
+    self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     mesh_lib.validate_mesh_for_model(self.mesh, cfg.model, cfg.train.batch_size // cfg.train.grad_accum)
     self.graphdef, abstract_params, abstract_bias = model_lib.abstract_model(cfg.model)
     self.param_sh = nnx.to_pure_dict(rules.param_shardings(abstract_params, self.mesh))
@@ -153,10 +153,10 @@ def _host_metrics(m: dict) -> dict:
   return out
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
-  """Runs the loop; returns the last logged metrics (and the final eval)."""
+def train(cfg: Config, resume: bool = False, devices=None):
+  """Runs the loop. Returns (final state, list of logged metric dicts: train logs and evals)."""
   _check_vocab(cfg)
-  run = Run(cfg)
+  run = Run(cfg, devices)
   train_it = data_lib.make_dataset(cfg.data, batch_size=_local_batch(cfg), split="train")
   ckpt = Checkpointer(cfg.train.ckpt_dir, keep=cfg.train.ckpt_keep, every=cfg.train.ckpt_every) \
       if cfg.train.ckpt_dir else None
@@ -179,7 +179,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         f"mesh {dict(run.mesh.shape)}; data {data_lib.corpus_stats(cfg.data)}")
 
   start = int(state.step)
-  last, pending = {}, None
+  history, pending = [], None
   bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, disable=jax.process_index() != 0,
              dynamic_ncols=True)
   t_last, step_last = time.perf_counter(), start
@@ -188,22 +188,23 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if ckpt:
       ckpt.save(step + 1, state, train_it, meta={"config": to_dict(cfg)})
     if pending is not None:                 # read step n-1 while step n runs
-      last = _log(pending, t_last, step_last, tokens_per_step, flops_per_step, peak, bar, log)
+      history.append(_log(pending, t_last, step_last, tokens_per_step, flops_per_step, peak, bar, log))
       t_last, step_last = time.perf_counter(), pending[0]
       pending = None
     if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
       pending = (step + 1, metrics)
     if cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.steps):
       ev = evaluate(run, state, cfg)
-      log.write({"step": step + 1, **ev})
+      ev = {"step": step + 1, **ev}
+      log.write(ev)
       bar.write(f"step {step + 1}: val_loss {ev['val_loss']:.4f} val_ppl {ev['val_ppl']:.2f}")
-      last.update(ev)
+      history.append(ev)
   if pending is not None:
-    last.update(_log(pending, t_last, step_last, tokens_per_step, flops_per_step, peak, bar, log))
+    history.append(_log(pending, t_last, step_last, tokens_per_step, flops_per_step, peak, bar, log))
   if ckpt:
     ckpt.save(int(state.step), state, train_it, meta={"config": to_dict(cfg)}, force=True)
     ckpt.close()
-  return last
+  return state, history
 
 
 def _log(pending, t_last, step_last, tokens_per_step, flops_per_step, peak, bar, log) -> dict:

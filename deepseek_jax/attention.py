@@ -38,10 +38,23 @@ def dot_product_attention(q_BSHK, k_BTHK, v_BTHO, mask_B1ST, scale: float, impl:
 
 
 def _cudnn_attention(q_BSHK, k_BTHK, v_BTHO, mask_B1ST, scale):
-  """cuDNN flash attention (GPU). The public API needs v_dim == qk_dim: zero-padding V is exact."""
+  """cuDNN flash attention (GPU). The public API needs v_dim == qk_dim: zero-padding V is exact.
+
+  For plain causal masks with v_dim != qk_dim (MLA), jax's private cuDNN wrapper takes V unpadded (cuDNN >= 9.10,
+  Hopper+; ~20% faster fwd+bwd than padding on H100). It is a private API: any trace-time refusal falls back
+  to the padded public path; DEEPSEEK_JAX_CUDNN_MLA=0 forces the fallback.
+  """
+  import os
   o_dim, k_dim = v_BTHO.shape[-1], q_BSHK.shape[-1]
-  v_pad = jnp.pad(v_BTHO, ((0, 0), (0, 0), (0, 0), (0, k_dim - o_dim))) if k_dim > o_dim else v_BTHO
   mask = None if mask_B1ST.shape[0] == 1 else mask_B1ST  # plain causal -> is_causal, no dense mask
+  if mask is None and k_dim != o_dim and os.environ.get("DEEPSEEK_JAX_CUDNN_MLA", "1") != "0":
+    try:
+      from jax._src.cudnn import fused_attention_stablehlo as _fa
+      return _fa.dot_product_attention(q_BSHK, k_BTHK, v_BTHO, scale=scale, mask_type=_fa.MaskType.CAUSAL,
+                                       qkv_layout="BTNH")
+    except (ImportError, AttributeError, ValueError, NotImplementedError, TypeError, RuntimeError):
+      pass
+  v_pad = jnp.pad(v_BTHO, ((0, 0), (0, 0), (0, 0), (0, k_dim - o_dim))) if k_dim > o_dim else v_BTHO
   out = jax.nn.dot_product_attention(q_BSHK, k_BTHK, v_pad, mask=mask, scale=scale, is_causal=True,
                                      implementation="cudnn")
   return out[..., :o_dim]
@@ -55,13 +68,13 @@ class MLA(nnx.Module):
     H, D, std = cfg.n_heads, cfg.dim, cfg.init_std
     if cfg.q_lora_rank:
       self.wq_a = param(rngs, (D, cfg.q_lora_rank), ("embed", "q_lora"), std)
-      self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+      self.q_norm = RMSNorm(cfg.q_lora_rank, 1e-6)   # HF and the reference fix 1e-6 for the latent norms
       self.wq_b = param(rngs, (cfg.q_lora_rank, H, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"), std)
     else:
       self.wq = param(rngs, (D, H, cfg.qk_head_dim), ("embed", "heads", "head_dim"), std)
     # [c_KV ; k_pe]: the latent (C) and one RoPE key shared by all heads (R).
     self.wkv_a = param(rngs, (D, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ("embed", "kv_lora"), std)
-    self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+    self.kv_norm = RMSNorm(cfg.kv_lora_rank, 1e-6)
     # per head: [k_nope (K) ; v (O)]
     self.wkv_b = param(rngs, (cfg.kv_lora_rank, H, cfg.qk_nope_head_dim + cfg.v_head_dim),
                        ("kv_lora", "heads", "head_dim"), std)

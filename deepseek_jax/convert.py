@@ -57,9 +57,8 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def _check_supported(hf: dict[str, Any], kind: str) -> None:
   """One-line errors for HF options our model does not implement."""
-  bad = {"attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "hidden_act": "silu",
-         "pretraining_tp": 1}
-  for key, ok in bad.items():
+  only = {"attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "hidden_act": "silu"}
+  for key, ok in only.items():
     if hf.get(key, ok) not in (ok, None):
       raise ConversionError(f"config.json: {key}={hf[key]!r} is not supported (only {ok!r})")
   heads, kv_heads = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
@@ -123,6 +122,9 @@ def config_from_hf(hf: dict[str, Any], base: ModelConfig | None = None) -> Model
     raise ConversionError(f"config.json: model_type={kind!r} is not supported (expected one of {list(_HF_DEFAULTS)})")
   hf = {**_HF_DEFAULTS[kind], **hf}
   _check_supported(hf, kind)
+  for key in ("num_experts_per_tok", "n_routed_experts", "kv_lora_rank", "hidden_size", "num_hidden_layers"):
+    if hf[key] is None:
+      raise ConversionError(f"config.json: {key} is missing or null")
   n_mtp = hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) if kind == "deepseek_v3" else 0
   fields = dict(
       vocab_size=hf["vocab_size"], dim=hf["hidden_size"], inter_dim=hf["intermediate_size"],
@@ -196,40 +198,26 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_d
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
-class _Shard:
-  """One .safetensors file: header parsed and checked up front, tensors memory-mapped on demand."""
-
-  def __init__(self, path: pathlib.Path):
-    self.path = path
-    try:
-      size = path.stat().st_size
-      with open(path, "rb") as f:
-        if size < 8:
-          raise ValueError(f"only {size} bytes")
-        (n,) = struct.unpack("<Q", f.read(8))
-        if 8 + n > size:
-          raise ValueError(f"header length {n} exceeds the file size {size}")
-        header = json.loads(f.read(n))
-      self.start, self.entries = 8 + n, {k: v for k, v in header.items() if k != "__metadata__"}
-      for name, e in self.entries.items():
-        b, end = e["data_offsets"]
-        nbytes = math.prod(e["shape"]) * np.dtype(_DTYPES[e["dtype"]]).itemsize
-        if not 0 <= b <= end <= size - self.start or end - b != nbytes:
-          raise ValueError(f"tensor {name} has data_offsets {e['data_offsets']} outside the file or not {nbytes} "
-                           "bytes")
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-      msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-      raise ConversionError(f"{path}: unreadable or corrupt safetensors file ({msg})") from None
-    self._map = None
-
-  def read(self, name: str) -> np.ndarray:
-    e = self.entries[name]
-    dtype, (b, end) = np.dtype(_DTYPES[e["dtype"]]), e["data_offsets"]
-    if end == b:
-      return np.zeros(e["shape"], dtype)
-    if self._map is None:
-      self._map = np.memmap(self.path, np.uint8, "r")
-    return self._map[self.start + b:self.start + end].view(dtype).reshape(e["shape"])
+def _read_header(path: pathlib.Path) -> tuple[int, dict[str, Any]]:
+  """(start of the data section, {name: {dtype, shape, data_offsets}}), every entry checked against the file."""
+  try:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+      if 8 + n > size:
+        raise ValueError(f"header length {n} exceeds the file size {size}")
+      entries = {k: v for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
+    for name, e in entries.items():
+      if e["dtype"] not in _DTYPES:
+        raise ValueError(f"tensor {name} has unsupported dtype {e['dtype']}")
+      b, end = e["data_offsets"]
+      nbytes = math.prod(e["shape"]) * np.dtype(_DTYPES[e["dtype"]]).itemsize
+      if not 0 <= b <= end <= size - 8 - n or end - b != nbytes:
+        raise ValueError(f"tensor {name}: data_offsets {e['data_offsets']} outside the file or not {nbytes} bytes")
+  except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ConversionError(f"{path}: unreadable or corrupt safetensors file ({msg})") from None
+  return 8 + n, entries
 
 
 def _write_safetensors(path: pathlib.Path, tensors: list[tuple[str, np.ndarray]]) -> None:
@@ -244,7 +232,7 @@ def _write_safetensors(path: pathlib.Path, tensors: list[tuple[str, np.ndarray]]
   with open(path, "wb") as f:
     f.write(struct.pack("<Q", len(blob)) + blob)
     for _, arr in tensors:
-      f.write(np.ascontiguousarray(arr).tobytes())
+      f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)   # no extra copy
 
 
 def dequantize_fp8(w8: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = (128, 128)) -> np.ndarray:
@@ -258,48 +246,57 @@ def dequantize_fp8(w8: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]
 
 
 class _Reader:
-  """All shards of a checkpoint directory: tensor lookup, FP8 dequantization, shape checks, used-name tracking."""
+  """All shards of a checkpoint directory, memory-mapped on demand: lookup, FP8 dequantization, shape checks."""
 
   def __init__(self, directory: pathlib.Path, block: tuple[int, int]):
     index = directory / "model.safetensors.index.json"
     if index.is_file():
       try:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        paths = [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
       except (ValueError, KeyError, AttributeError) as e:
         raise ConversionError(f"{index}: unreadable index ({type(e).__name__}: {e})") from None
-      paths = [directory / f for f in files]
     else:
       paths = sorted(directory.glob("*.safetensors"))
     if not paths:
       raise ConversionError(f"{directory}: no *.safetensors files")
-    self.directory, self.block, self.shards, self.used = directory, block, {}, set()
+    self.directory, self.block, self.used = directory, block, set()
+    self.tensors: dict[str, tuple[pathlib.Path, int, dict]] = {}   # name -> (file, data start, header entry)
+    self._maps: dict[pathlib.Path, np.memmap] = {}
     for p in paths:
       if not p.is_file():
         raise ConversionError(f"{p}: listed in model.safetensors.index.json but missing")
-      shard = _Shard(p)
-      for name in shard.entries:
-        if name in self.shards:
-          raise ConversionError(f"{name}: present in both {self.shards[name].path.name} and {p.name}")
-        self.shards[name] = shard
+      start, entries = _read_header(p)
+      for name, e in entries.items():
+        if name in self.tensors:
+          raise ConversionError(f"{name}: present in both {self.tensors[name][0].name} and {p.name}")
+        self.tensors[name] = (p, start, e)
+
+  def _raw(self, name: str) -> np.ndarray:
+    path, start, e = self.tensors[name]
+    dtype, (b, end) = np.dtype(_DTYPES[e["dtype"]]), e["data_offsets"]
+    if end == b:
+      return np.zeros(e["shape"], dtype)
+    if path not in self._maps:
+      self._maps[path] = np.memmap(path, np.uint8, "r")
+    return self._maps[path][start + b:start + end].view(dtype).reshape(e["shape"])
 
   def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """The tensor as float32 (dequantized if it has a `_scale_inv` sibling); checks its shape."""
-    shard = self.shards.get(name)
-    if shard is None:
+    if name not in self.tensors:
       raise ConversionError(f"{name}: missing from the checkpoint in {self.directory}")
-    x = shard.read(name)
+    x, file = self._raw(name), self.tensors[name][0]
     if x.shape != tuple(shape):
-      raise ConversionError(f"{name}: expected shape {tuple(shape)}, got {x.shape} in {shard.path}")
+      raise ConversionError(f"{name}: expected shape {tuple(shape)}, got {x.shape} in {file}")
     self.used.add(name)
-    scale_name = name + "_scale_inv"
-    if scale_name in self.shards:
-      self.used.add(scale_name)
+    scale = name + "_scale_inv"
+    if scale in self.tensors:
+      self.used.add(scale)
       try:
-        return dequantize_fp8(x, self.shards[scale_name].read(scale_name), self.block)
+        return dequantize_fp8(x, self._raw(scale), self.block)
       except ValueError as e:
-        raise ConversionError(f"{scale_name}: {e} in {self.shards[scale_name].path}") from None
+        raise ConversionError(f"{scale}: {e} in {self.tensors[scale][0]}") from None
     if x.dtype.itemsize == 1:
-      raise ConversionError(f"{name}: {x.dtype} tensor without a {scale_name} in {shard.path}")
+      raise ConversionError(f"{name}: {x.dtype} tensor without a {scale} in {file}")
     return x.astype(np.float32)
 
 
@@ -325,11 +322,6 @@ def _linear(path: Path, name: str, out: int, inp: int, our_shape: tuple[int, ...
                 lambda a: [a[0].reshape(inp, out).T])
 
 
-def _zeros(path: Path, shape: tuple[int, ...]) -> _Group:
-  """A leaf with no HF tensor (V2's unused router bias): zeros on load, dropped on save."""
-  return _Group((path,), (), (), lambda a: [np.zeros(shape, np.float32)], lambda a: [])
-
-
 def _stacked(path: Path, names: tuple[str, ...], out: int, inp: int) -> _Group:
   """Per-expert HF [out, in] tensors <-> ours [E, in, out]."""
   return _Group((path,), names, ((out, inp),) * len(names), lambda a: [np.stack([x.T for x in a])],
@@ -350,7 +342,8 @@ def _experts(cfg: ModelConfig, path: Path, pfx: str, fused: bool) -> list[_Group
                    lambda a: [np.concatenate(a, axis=2).transpose(0, 2, 1)]),
             _Group((path + ("w2",),), (pfx + "down_proj",), ((E, D, F),), lambda a: [a[0].transpose(0, 2, 1)],
                    lambda a: [a[0].transpose(0, 2, 1)])]
-  names = lambda proj: tuple(f"{pfx}{j}.{proj}.weight" for j in range(E))  # noqa: E731
+  def names(proj: str) -> tuple[str, ...]:
+    return tuple(f"{pfx}{j}.{proj}.weight" for j in range(E))
   return [_stacked(path + ("w1",), names("gate_proj"), F, D), _stacked(path + ("w3",), names("up_proj"), F, D),
           _stacked(path + ("w2",), names("down_proj"), D, F)]
 
@@ -375,8 +368,11 @@ def _block(cfg: ModelConfig, path: Path, pfx: str, moe: bool, fused: bool) -> li
   if not moe:
     return g + _mlp(ft, m, cfg.inter_dim, D)
   E = cfg.n_routed_experts
-  bias = _copy(ft + ("bias",), m + "gate.e_score_correction_bias", (E,)) if cfg.router_bias else None
-  g += [_linear(ft + ("gate",), m + "gate.weight", E, D, (D, E)), bias or _zeros(ft + ("bias",), (E,))]
+  g.append(_linear(ft + ("gate",), m + "gate.weight", E, D, (D, E)))
+  if cfg.router_bias:
+    g.append(_copy(ft + ("bias",), m + "gate.e_score_correction_bias", (E,)))
+  else:   # V2 has no bias tensor: zeros on load, dropped on save
+    g.append(_Group((ft + ("bias",),), (), (), lambda a: [np.zeros((E,), np.float32)], lambda a: []))
   if cfg.n_shared_experts:
     g += _mlp(ft + ("shared_experts",), m + "shared_experts.", cfg.n_shared_experts * cfg.moe_inter_dim, D)
   return g + _experts(cfg, ft, m + "experts.", fused)
@@ -446,12 +442,11 @@ def load_hf_checkpoint(path: str | pathlib.Path, *, base: ModelConfig | None = N
   block = tuple((hf.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
   reader = _Reader(directory, block)
   mtp_prefixes = tuple(f"model.layers.{cfg.n_layers + k}." for k in range(cfg.n_mtp_layers))
-  has_mtp = any(n.startswith(mtp_prefixes) for n in reader.shards) if mtp_prefixes else False
   ignored = {p + s for p in mtp_prefixes for s in ("shared_head.head.weight", "embed_tokens.weight")}
-  if not (load_mtp and has_mtp):
-    ignored |= {n for n in reader.shards if n.startswith(mtp_prefixes)} if mtp_prefixes else set()
+  if not (load_mtp and any(n.startswith(mtp_prefixes) for n in reader.tensors)):
+    ignored |= {n for n in reader.tensors if n.startswith(mtp_prefixes)}
     cfg = dataclasses.replace(cfg, n_mtp_layers=0)
-  fused = any(n.endswith(".mlp.experts.gate_up_proj") for n in reader.shards)
+  fused = any(n.endswith(".mlp.experts.gate_up_proj") for n in reader.tensors)
   params: dict = {}
   for grp in _groups(cfg, fused):
     arrays = grp.load([reader.get(n, s) for n, s in zip(grp.names, grp.shapes)])
@@ -460,7 +455,7 @@ def load_hf_checkpoint(path: str | pathlib.Path, *, base: ModelConfig | None = N
       for key in p[:-1]:
         node = node.setdefault(key, {})
       node[p[-1]] = np.ascontiguousarray(x, dtype=np.float32)
-  unused = sorted(set(reader.shards) - reader.used - ignored)
+  unused = sorted(set(reader.tensors) - reader.used - ignored)
   unused = [n for n in unused if not n.endswith("rotary_emb.inv_freq")]
   if unused:
     raise ConversionError(f"{directory}: {len(unused)} unexpected tensor(s): {', '.join(unused[:5])}"

@@ -6,7 +6,9 @@ them in a shard_map; `MoE` only holds the parameters and wires the pieces togeth
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -106,6 +108,10 @@ def local_routed_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, cfg: ModelC
   """Routed experts on one device. Returns (y_TD, dropped assignments)."""
   if cfg.moe_impl == "dense":
     return dense_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD), jnp.zeros((), jnp.int32)
+  if cfg.capacity_factor <= 0:   # dropless: a fast grouped matmul where one exists (see grouped_matmul_impl)
+    impl = grouped_matmul_impl(x_TD.dtype, *w1_EDF.shape[1:])
+    if impl != "xla":
+      return sorted_routed_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, impl), jnp.zeros((), jnp.int32)
   T, k = idx_Tk.shape
   plan = sort_by_expert(idx_Tk, w1_EDF.shape[0])
   x_MD = x_TD[plan.order_M // k]
@@ -129,6 +135,150 @@ def combine(y_MD, order_M, w_Tk):
   T, k = w_Tk.shape
   y_TkD = jnp.zeros_like(y_MD).at[order_M].set(y_MD).reshape(T, k, -1)
   return jnp.einsum("tkd,tk->td", y_TkD.astype(jnp.float32), w_Tk).astype(y_MD.dtype)
+
+
+# Fast dropless path: sort by expert, grouped matmul with a custom VJP, permutations as gathers -------------
+# `grouped_matmul_impl` picks the kernel for the dropless single-device path (local_routed_experts):
+#   "mgpu"  Pallas Mosaic-GPU ragged_dot / transposed_ragged_dot (Hopper, bf16/f16): ~10x lax.ragged_dot on H100
+#   "ref"   the same custom-VJP structure on lax.ragged_dot / ragged_dot_general (CPU tests of the VJP)
+#   "xla"   moe.grouped_ffn (lax.ragged_dot, autodiff), the original path
+# GROUPED_MATMUL = "auto" takes "mgpu" where it can run and "xla" elsewhere. Override with the environment
+# variable DEEPSEEK_JAX_GROUPED_MATMUL or by assigning the module attribute before tracing.
+GROUPED_MATMUL = os.environ.get("DEEPSEEK_JAX_GROUPED_MATMUL", "auto")
+# Tile shapes of the Mosaic-GPU kernels (forward / input-gradient kernel, and weight-gradient kernel).
+MGPU_GMM_BLOCKS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
+MGPU_TGMM_BLOCKS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
+MGPU_FUSE_W13 = True   # one [E, D, 2F] gate|up matmul instead of two [E, D, F] ones
+
+
+def _is_hopper() -> bool:
+  try:
+    devs = jax.devices()
+  except RuntimeError:
+    return False
+  return bool(devs) and all(d.platform == "gpu" and str(getattr(d, "compute_capability", "")) == "9.0"
+                            for d in devs)
+
+
+def grouped_matmul_impl(dtype, dim: int, inter_dim: int) -> str:
+  """The grouped-matmul implementation the dropless path uses for these shapes (see GROUPED_MATMUL)."""
+  impl = GROUPED_MATMUL
+  if impl != "auto":
+    return impl
+  tiles_ok = all(n % 128 == 0 for n in (dim, inter_dim))
+  if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and tiles_ok and _is_hopper():
+    return "mgpu"
+  return "xla"
+
+
+def _gmm_fwd_kernel(x_MK, w_GKN, gs_G, impl: str, transpose_rhs: bool = False):
+  """[M, K] x [G, K, N] (or [G, N, K] transposed) -> [M, N], rows grouped by gs (sum(gs) == M)."""
+  if impl == "mgpu":
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    return ragged_dot_mgpu.ragged_dot(x_MK, w_GKN, group_sizes=gs_G, transpose_rhs=transpose_rhs,
+                                      **MGPU_GMM_BLOCKS)
+  w = jnp.swapaxes(w_GKN, 1, 2) if transpose_rhs else w_GKN
+  return jax.lax.ragged_dot(x_MK, w, gs_G, preferred_element_type=jnp.float32).astype(x_MK.dtype)
+
+
+def _gmm_weight_grad_kernel(x_MK, dy_MN, gs_G, impl: str):
+  """sum over each group's rows of x^T dy -> [G, K, N]."""
+  if impl == "mgpu":
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+    return transposed_ragged_dot_mgpu.transposed_ragged_dot(x_MK, dy_MN, group_sizes=gs_G, **MGPU_TGMM_BLOCKS)
+  dn = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
+                                         lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+  return jax.lax.ragged_dot_general(x_MK, dy_MN, gs_G, dn,
+                                    preferred_element_type=jnp.float32).astype(x_MK.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gmm(x_MK, w_GKN, gs_G, impl: str):
+  """Grouped matmul with an explicit VJP: dx = dy w^T (grouped), dw = grouped x^T dy."""
+  return _gmm_fwd_kernel(x_MK, w_GKN, gs_G, impl)
+
+
+def _gmm_fwd(x_MK, w_GKN, gs_G, impl):
+  return _gmm_fwd_kernel(x_MK, w_GKN, gs_G, impl), (x_MK, w_GKN, gs_G)
+
+
+def _gmm_bwd(impl, res, dy_MN):
+  x_MK, w_GKN, gs_G = res
+  dy_MN = dy_MN.astype(x_MK.dtype)
+  dx_MK = _gmm_fwd_kernel(dy_MN, w_GKN, gs_G, impl, transpose_rhs=True)
+  dw_GKN = _gmm_weight_grad_kernel(x_MK, dy_MN, gs_G, impl)
+  return dx_MK, dw_GKN.astype(w_GKN.dtype), None
+
+
+gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def fast_grouped_ffn(x_MD, group_sizes_E, w1_EDF, w3_EDF, w2_EFD, impl: str):
+  """SwiGLU over rows sorted by expert through `gmm` (sum(group_sizes) must equal M)."""
+  dt = x_MD.dtype
+  F = w1_EDF.shape[2]
+  if MGPU_FUSE_W13:
+    w13_EDH = jnp.concatenate([w1_EDF.astype(dt), w3_EDF.astype(dt)], axis=2)
+    h_MH = gmm(x_MD, w13_EDH, group_sizes_E, impl)
+    gate, up = h_MH[:, :F], h_MH[:, F:]
+  else:
+    gate = gmm(x_MD, w1_EDF.astype(dt), group_sizes_E, impl)
+    up = gmm(x_MD, w3_EDF.astype(dt), group_sizes_E, impl)
+  return gmm(jax.nn.silu(gate) * up, w2_EFD.astype(dt), group_sizes_E, impl)
+
+
+@jax.custom_vjp
+def _permute_rows(y_MD, perm_M, inv_M):
+  """y[perm]; the VJP is the inverse permutation (a gather), not a scatter-add."""
+  return y_MD[perm_M]
+
+
+def _permute_rows_fwd(y_MD, perm_M, inv_M):
+  return y_MD[perm_M], (perm_M, inv_M)
+
+
+def _permute_rows_bwd(res, g_MD):
+  perm_M, inv_M = res
+  return g_MD[inv_M], None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dispatch_rows(x_TD, order_M, inv_M, k: int):
+  """x[order // k]: each token's row once per assignment, in expert order. The VJP gathers the k rows of
+  every token back (inverse permutation) and sums them, instead of a scatter-add."""
+  return x_TD[order_M // k]
+
+
+def _dispatch_rows_fwd(x_TD, order_M, inv_M, k):
+  return x_TD[order_M // k], (inv_M,)
+
+
+def _dispatch_rows_bwd(k, res, g_MD):
+  (inv_M,) = res
+  T = inv_M.shape[0] // k
+  dx_TD = g_MD[inv_M].reshape(T, k, -1).astype(jnp.float32).sum(1).astype(g_MD.dtype)
+  return dx_TD, None, None
+
+
+_dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
+
+
+def sorted_routed_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, impl: str):
+  """Dropless routed experts: sort the T*k assignments by expert, one grouped matmul per projection, unsort
+  and combine. Same result as the "grouped" path of local_routed_experts, nothing dropped."""
+  T, k = idx_Tk.shape
+  M = T * k
+  flat_M = idx_Tk.reshape(-1)
+  order_M = jnp.argsort(flat_M, stable=True).astype(jnp.int32)
+  inv_M = jnp.zeros((M,), jnp.int32).at[order_M].set(jnp.arange(M, dtype=jnp.int32))
+  group_sizes_E = jnp.bincount(flat_M, length=w1_EDF.shape[0]).astype(jnp.int32)
+  x_MD = _dispatch_rows(x_TD, order_M, inv_M, k)
+  y_MD = fast_grouped_ffn(x_MD, group_sizes_E, w1_EDF, w3_EDF, w2_EFD, impl)
+  y_TkD = _permute_rows(y_MD, inv_M, order_M).reshape(T, k, -1)
+  return jnp.einsum("tkd,tk->td", y_TkD.astype(jnp.float32), w_Tk).astype(x_TD.dtype)
 
 
 # Balancing -----------------------------------------------------------------------------------------------

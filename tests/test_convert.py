@@ -12,11 +12,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors.numpy import load_file, save_file
-
 from deepseek_jax import convert, model
 from deepseek_jax.config import ModelConfig, load_config
 from deepseek_jax.convert import ConversionError
+
+st_numpy = pytest.importorskip("safetensors.numpy")   # an independent reader/writer for the tests
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # q_b_proj has 4 * 48 = 192 rows and the dense FFN 160: ragged 128-blocks for the FP8 test. One MTP module.
@@ -55,9 +55,9 @@ def exported(tmp_path_factory):
 def _rewrite(src: pathlib.Path, dst: pathlib.Path, edit) -> pathlib.Path:
   """Copies a single-file checkpoint, passing its tensors (a dict) through `edit`."""
   dst.mkdir(exist_ok=True)
-  tensors = load_file(src / "model.safetensors")
+  tensors = st_numpy.load_file(src / "model.safetensors")
   edit(tensors)
-  save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+  st_numpy.save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
   (dst / "config.json").write_text((src / "config.json").read_text())
   return dst
 
@@ -76,6 +76,8 @@ def test_export_import_is_bitwise(fused, tmp_path):
   cfg, loaded = convert.load_hf_checkpoint(tmp_path, base=TINY)
   assert cfg == TINY
   _assert_bitwise(loaded, params)
+  with pytest.raises(ConversionError, match="refusing to mix"):
+    convert.save_hf_checkpoint(TINY, params, tmp_path)
 
 
 def test_bfloat16_export_rounds_once(exported, tmp_path):
@@ -126,7 +128,7 @@ def test_fp8_checkpoint_loads_dequantized(exported, tmp_path):
   from safetensors.torch import save_file as torch_save
   params, path = exported
   tensors, want = {}, {}
-  for name, w in load_file(path / "model.safetensors").items():
+  for name, w in st_numpy.load_file(path / "model.safetensors").items():
     if name.endswith(".weight") and name.split(".")[-2] in FP8_PROJ:
       w8, scale = _quantize(w)
       want[name] = convert.dequantize_fp8(w8, scale)
@@ -148,7 +150,7 @@ def test_fp8_checkpoint_loads_dequantized(exported, tmp_path):
   cfg, loaded = convert.load_hf_checkpoint(fp8, base=TINY)
   assert cfg == TINY
   convert.save_hf_checkpoint(cfg, loaded, tmp_path / "again")   # back to HF names, float32
-  again = load_file(tmp_path / "again" / "model.safetensors")
+  again = st_numpy.load_file(tmp_path / "again" / "model.safetensors")
   assert sorted(again) == sorted(want)
   for name in want:
     np.testing.assert_array_equal(again[name], want[name], err_msg=name)
@@ -218,6 +220,17 @@ def test_config_round_trip(name):
   assert convert.config_to_hf(convert.config_from_hf(json.loads(json.dumps(hf)), base=cfg)) == hf
 
 
+@pytest.mark.parametrize("changes,match", [
+    (dict(attn_type="mha", qk_nope_head_dim=0, v_head_dim=16), "attn_type='mha'"),
+    (dict(router_bias=False), "matches neither"),
+    (dict(score_func="softmax", router_bias=False, norm_topk_prob=True), "matches neither"),
+    (dict(moe_layer_freq=2), "moe_layer_freq=2"),
+])
+def test_unexportable_configs(changes, match):
+  with pytest.raises(ConversionError, match=match):
+    convert.config_to_hf(dataclasses.replace(TINY, **changes))
+
+
 def test_hub_style_configs_match_yaml():
   """Hub config.json files (transformers 4.x style: rope_scaling with 'type', top-level rope_theta)."""
   common = dict(rope_theta=10000, rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False, moe_layer_freq=1,
@@ -258,8 +271,10 @@ def test_yarn_without_mscale_follows_hf():
 def test_cli_import_export_round_trip(exported, tmp_path):
   params, path = exported
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  run = lambda *args: subprocess.run([sys.executable, "-m", "deepseek_jax.convert", *args], cwd=ROOT, env=env,  # noqa: E731
-                                     capture_output=True, text=True, timeout=120)
+
+  def run(*args):
+    return subprocess.run([sys.executable, "-m", "deepseek_jax.convert", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
   res = run("import", "--hf", str(path), "--out", str(tmp_path / "ckpt"))
   assert res.returncode == 0, res.stderr
   assert load_config(tmp_path / "ckpt" / "config.yaml").model == dataclasses.replace(TINY, dtype="bfloat16")
@@ -284,17 +299,17 @@ def test_cli_help_and_errors(tmp_path, capsys):
 
 def _expected_params(m: ModelConfig, mtp: bool) -> int:
   """Closed-form count, independent of the model code (spec section 1)."""
-  D, H = m.dim, m.n_heads
+  D, H, Q, C = m.dim, m.n_heads, m.q_lora_rank, m.kv_lora_rank
   if m.attn_type == "mla":
-    q = D * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * H * m.qk_head_dim if m.q_lora_rank else D * H * m.qk_head_dim
-    attn = (q + D * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
-            + m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim) + H * m.v_head_dim * D)
+    q = D * Q + Q + Q * H * m.qk_head_dim if Q else D * H * m.qk_head_dim
+    attn = q + D * (C + m.qk_rope_head_dim) + C + C * H * (m.qk_nope_head_dim + m.v_head_dim) + H * m.v_head_dim * D
   else:
     attn = 4 * D * H * m.qk_rope_head_dim
   moe = D * m.n_routed_experts + 3 * D * m.moe_inter_dim * (m.n_routed_experts + m.n_shared_experts)
-  block = lambda is_moe: attn + 2 * D + (moe if is_moe else 3 * D * m.inter_dim)  # noqa: E731
-  total = 2 * m.vocab_size * D + D + sum(block(m.is_moe_layer(i)) for i in range(m.n_layers))
-  return total + (m.n_mtp_layers * (block(True) + 2 * D * D + 3 * D) if mtp else 0)
+  dense = attn + 2 * D + 3 * D * m.inter_dim
+  sparse = attn + 2 * D + moe
+  total = 2 * m.vocab_size * D + D + sum(sparse if m.is_moe_layer(i) else dense for i in range(m.n_layers))
+  return total + (m.n_mtp_layers * (sparse + 2 * D * D + 3 * D) if mtp else 0)   # block, eh_proj, 3 norms
 
 
 @pytest.mark.parametrize("name,billions,with_mtp", [("deepseek-v3-671b", 671.03, 682.64),
@@ -304,7 +319,9 @@ def test_big_config_param_counts(name, billions, with_mtp):
   cfg = load_config(ROOT / "configs" / f"{name}.yaml").model
   _, params, bias = model.abstract_model(cfg)
   n = model.count_params(params)
+  main = {k: v for k, v in model.to_pure_dict(params).items() if k != "mtp"}
   assert n == _expected_params(cfg, mtp=True)
+  assert model.count_params(main) == _expected_params(cfg, mtp=False)
   assert round(n / 1e9, 2) == with_mtp
-  assert round(_expected_params(cfg, mtp=False) / 1e9, 2) == billions    # spec section 1 (MTP excluded)
+  assert round(model.count_params(main) / 1e9, 2) == billions    # spec section 1 counts without MTP
   assert model.count_params(bias) == cfg.n_routed_experts * (cfg.n_moe_layers + cfg.n_mtp_layers)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from deepseek_jax import convert, model  # noqa: E402
 
 TOL = 1e-4
-BASE = dataclasses.replace(convert.ModelConfig(), dtype="float32", moe_impl="grouped")
+BASE = dataclasses.replace(convert.ModelConfig(), dtype="float32")   # HF has no dtype/init fields
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
             kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, first_k_dense_replace=1,
@@ -65,7 +65,7 @@ def _build_hf(kind: str, overrides: dict, seed: int = 0):
       if "norm" in name:
         p.copy_(1.0 + 0.2 * torch.randn_like(p))
       if kind == "v2" and name.endswith("mlp.gate.weight"):
-        p.mul_(10.0)   # peaked softmax scores, so that the group limit changes the choices
+        p.mul_(10.0)   # peaked softmax scores: the routing decides a lot of the output
     for name, b in hf.named_buffers():
       if name.endswith("e_score_correction_bias"):
         b.copy_(0.1 * torch.randn_like(b))
@@ -125,8 +125,8 @@ def test_fused_expert_layout_loads_identically(built, tmp_path):
   E = TINY["n_routed_experts"]
   for i in range(1, TINY["num_hidden_layers"]):
     pfx = f"model.layers.{i}.mlp.experts."
-    take = lambda proj: [tensors.pop(f"{pfx}{j}.{proj}.weight") for j in range(E)]  # noqa: E731
-    gate, up, down = take("gate_proj"), take("up_proj"), take("down_proj")
+    gate, up, down = ([tensors.pop(f"{pfx}{j}.{proj}.weight") for j in range(E)]
+                      for proj in ("gate_proj", "up_proj", "down_proj"))
     tensors[pfx + "gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up)])
     tensors[pfx + "down_proj"] = torch.stack(down)
   save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})

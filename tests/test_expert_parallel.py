@@ -1,0 +1,147 @@
+"""The expert-parallel routed experts against the single-device path (moe.py), on simulated meshes.
+
+References are derived without the shard_map: the dropless path must equal moe.local_routed_experts on all
+tokens; the capacity path drops per source device, so its reference is moe.local_routed_experts applied to
+each device's chunk of tokens, and a hand-made case pins the drop policy itself.
+"""
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deepseek_jax import moe
+from deepseek_jax.config import MeshConfig, ModelConfig
+from sharding.expert_parallel import dispatched, routed_experts
+from sharding.mesh import make_mesh
+
+CFG = ModelConfig(dim=32, moe_inter_dim=16, n_routed_experts=16, n_activated_experts=4, n_expert_groups=1,
+                  n_limited_groups=1, dtype="float32")
+T = 64
+
+
+def mesh_of(data=1, fsdp=1, expert=1, tensor=1):
+  n = data * fsdp * expert * tensor
+  return make_mesh(MeshConfig(data=data, fsdp=fsdp, expert=expert, tensor=tensor), jax.devices()[:n])
+
+
+def make_inputs(cfg=CFG, seed=0):
+  """x, idx (k distinct experts per token, skewed towards low ids so that capacity drops), w, w1, w3, w2."""
+  E, D, F, k = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.n_activated_experts
+  ks = jax.random.split(jax.random.key(seed), 6)
+  x = jax.random.normal(ks[0], (T, D))
+  idx = jnp.argsort(jax.random.uniform(ks[1], (T, E)) - jnp.linspace(0, 0.5, E), axis=-1)[:, :k]
+  w = jax.random.uniform(ks[2], (T, k))
+  w1, w3 = (0.1 * jax.random.normal(kk, (E, D, F)) for kk in ks[3:5])
+  w2 = 0.1 * jax.random.normal(ks[5], (E, F, D))
+  return x, idx.astype(jnp.int32), w, w1, w3, w2
+
+
+def chunked_local(x, idx, w, w1, w3, w2, cfg, n_chunks):
+  """moe.local_routed_experts on each device's tokens, no mesh: what the capacity path must compute."""
+  outs = [moe.local_routed_experts(*chunk, w1, w3, w2, cfg)
+          for chunk in zip(*(jnp.split(a, n_chunks) for a in (x, idx, w)))]
+  return jnp.concatenate([y for y, _ in outs]), sum(d for _, d in outs)
+
+
+def value_and_grads(experts_fn, x, idx, w, w1, w3, w2):
+  """A non-linear scalar of the output, its gradients wrt x, w and the weights, and the drop count."""
+  def loss(x, w, w1, w3, w2):
+    y, dropped = experts_fn(x, idx, w, w1, w3, w2)
+    return jnp.sum(y * jnp.cos(y)), (y, dropped)
+  return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(x, w, w1, w3, w2)
+
+
+CASES = [  # (capacity_factor, (data, fsdp, expert, tensor))
+    (0.0, (8, 1, 1, 1)), (0.0, (1, 1, 8, 1)), (0.0, (1, 2, 2, 2)),
+    (1.0, (2, 1, 4, 1)), (1.0, (2, 2, 2, 1)), (1.0, (1, 2, 2, 2)),
+]
+
+
+@pytest.mark.parametrize("cf, shape", CASES, ids=[f"cf{c}-{'x'.join(map(str, s))}" for c, s in CASES])
+def test_matches_single_device(cf, shape):
+  cfg = dataclasses.replace(CFG, capacity_factor=cf)
+  args = make_inputs(cfg)
+  n_token_shards = shape[0] * shape[1] * shape[2]
+  ref_fn = functools.partial(chunked_local, cfg=cfg, n_chunks=n_token_shards if cf else 1)
+  want = value_and_grads(ref_fn, *args)
+  mesh = mesh_of(*shape)
+  with jax.set_mesh(mesh):
+    got = jax.jit(functools.partial(value_and_grads, functools.partial(routed_experts, cfg=cfg)))(*args)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  dropped = int(got[0][1][1])
+  assert (dropped > 0) if cf else (dropped == 0)   # the capacity cases really drop
+
+
+def test_drop_policy_by_hand():
+  """2 token shards of 4 tokens, k=1, 2 experts, cf=0.5 -> C = ceil(0.5*4*1/2) = 1 slot per expert per shard.
+  Each expert keeps its first assignment in local token order, on each shard separately."""
+  cfg = dataclasses.replace(CFG, n_routed_experts=2, n_activated_experts=1, capacity_factor=0.5)
+  x, _, _, w1, w3, w2 = make_inputs(dataclasses.replace(cfg, capacity_factor=0.0))
+  x = x[:8]
+  idx = jnp.array([[0], [0], [1], [0], [1], [1], [1], [1]], jnp.int32)
+  w = jnp.full((8, 1), 0.5)
+  kept = [0, 2, 4]   # shard 0: expert 0 -> token 0, expert 1 -> token 2; shard 1: expert 1 -> token 4
+  want = np.zeros(x.shape, np.float32)
+  for t in kept:
+    e = int(idx[t, 0])
+    want[t] = 0.5 * moe.swiglu(x[t], w1[e], w3[e], w2[e], "d,df->f", "f,fd->d")
+  with jax.set_mesh(mesh_of(expert=2)):
+    y, dropped = jax.jit(functools.partial(routed_experts, cfg=cfg))(x, idx, w, w1, w3, w2)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+  assert int(dropped) == 5
+
+
+@pytest.mark.parametrize("cf", [0.0, 1.0])
+def test_dispatched_buffer_is_sharded_and_routed(cf):
+  """Every assignment arrives exactly once, on the expert shard that owns its expert; the buffer is split
+  over the token axes (one [P, cap, D] block per device)."""
+  cfg = dataclasses.replace(CFG, capacity_factor=cf)
+  x, idx, *_ = make_inputs(cfg)
+  mesh = mesh_of(data=2, expert=4)
+  with jax.set_mesh(mesh):
+    recv, ids = jax.jit(functools.partial(dispatched, cfg=cfg))(x, idx)
+  n_dev, P_, E_l = 8, 4, cfg.n_routed_experts // 4
+  assert recv.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp", "expert"), None, None)), 3)
+  assert {s.data.shape[0] for s in recv.addressable_shards} == {P_}
+  recv, ids = np.asarray(recv).reshape(n_dev, P_, -1, cfg.dim), np.asarray(ids).reshape(n_dev, P_, -1)
+  counts = np.zeros(cfg.n_routed_experts, int)
+  for dev in range(n_dev):            # device dev = (data, expert) = divmod(dev, 4)
+    shard = dev % P_
+    for src in range(P_):             # the block that expert shard `shard` got from source `src`
+      src_tokens = np.arange(T).reshape(n_dev, -1)[dev - shard + src]
+      for row, local in zip(recv[dev, src], ids[dev, src]):
+        if local == E_l:              # empty row
+          assert not row.any()
+          continue
+        e = shard * E_l + local
+        token = src_tokens[np.flatnonzero((np.asarray(x)[src_tokens] == row).all(-1))]
+        assert len(token) == 1 and e in np.asarray(idx)[token[0]]
+        counts[e] += 1
+  want = np.bincount(np.asarray(idx).ravel(), minlength=cfg.n_routed_experts)
+  if cf:
+    assert (counts <= want).all() and counts.sum() < want.sum()
+  else:
+    np.testing.assert_array_equal(counts, want)
+
+
+def test_no_mesh_is_the_local_path():
+  args = make_inputs()
+  chex.assert_trees_all_equal(routed_experts(*args, CFG), moe.local_routed_experts(*args, CFG))
+
+
+@pytest.mark.parametrize("n_experts, n_tokens, message", [
+    (12, T, "8 expert shards do not divide the 12 routed experts"),
+    (16, 60, "60 tokens cannot be split into 8 shards"),
+])
+def test_rejects_indivisible_meshes(n_experts, n_tokens, message):
+  cfg = dataclasses.replace(CFG, n_routed_experts=n_experts, n_expert_groups=1)
+  x, idx, w, w1, w3, w2 = make_inputs(cfg)
+  with jax.set_mesh(mesh_of(expert=8)), pytest.raises(ValueError, match=message):
+    routed_experts(x[:n_tokens], idx[:n_tokens], w[:n_tokens], w1, w3, w2, cfg)
