@@ -8,6 +8,7 @@ device.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -76,8 +77,25 @@ class Run:
     return trainer.TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), bias)
 
   def init_state(self):
+    if self.cfg.train.init_from:
+      return self._state_from_hf(self.cfg.train.init_from)
     with jax.set_mesh(self.mesh):
       return jax.jit(self._init_fn, out_shardings=self.state_sh)()
+
+  def _state_from_hf(self, path: str):
+    """Parameters and router biases from a Hugging Face checkpoint; fresh optimizer state."""
+    from deepseek_jax.convert import load_hf_checkpoint
+    hf_cfg, tree = load_hf_checkpoint(path, base=self.cfg.model, load_mtp=self.cfg.model.n_mtp_layers > 0)
+    if diff := [f"{f.name}={getattr(hf_cfg, f.name)!r} (config: {getattr(self.cfg.model, f.name)!r})"
+                for f in dataclasses.fields(hf_cfg) if getattr(hf_cfg, f.name) != getattr(self.cfg.model, f.name)]:
+      raise ConfigError(f"train.init_from={path}: checkpoint architecture differs: {'; '.join(diff[:4])}")
+    _, params, bias = model_lib.split_model(model_lib.from_pure_dict(self.cfg.model, tree))
+    params = jax.device_put(nnx.to_pure_dict(params), self.param_sh)
+    bias = jax.device_put(nnx.to_pure_dict(bias), self.bias_sh)
+    with jax.set_mesh(self.mesh):
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), self.state_sh.step)
+    return trainer.TrainState(step, params, opt_state, bias)
 
   def abstract_state(self):
     abstract = jax.eval_shape(self._init_fn)

@@ -187,6 +187,7 @@ class TrainConfig:
   eval_every: int = 100
   eval_batches: int = 4
   log_every: int = 10
+  init_from: str = ""             # Hugging Face checkpoint dir to start from (fine-tuning); "" = random init
   ckpt_dir: str = ""              # "" = no checkpoints
   ckpt_every: int = 100
   ckpt_keep: int = 3

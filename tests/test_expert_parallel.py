@@ -141,7 +141,10 @@ def test_no_mesh_is_the_local_path():
     (16, 60, "60 tokens cannot be split into 8 shards"),
 ])
 def test_rejects_indivisible_meshes(n_experts, n_tokens, message):
-  cfg = dataclasses.replace(CFG, n_routed_experts=n_experts, n_expert_groups=1)
-  x, idx, w, w1, w3, w2 = make_inputs(cfg)
+  cfg = dataclasses.replace(CFG, n_routed_experts=n_experts)
+  E, D, F, k = n_experts, cfg.dim, cfg.moe_inter_dim, cfg.n_activated_experts
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  args = (f32(n_tokens, D), jax.ShapeDtypeStruct((n_tokens, k), jnp.int32), f32(n_tokens, k),
+          f32(E, D, F), f32(E, D, F), f32(E, F, D))
   with jax.set_mesh(mesh_of(expert=8)), pytest.raises(ValueError, match=message):
-    routed_experts(x[:n_tokens], idx[:n_tokens], w[:n_tokens], w1, w3, w2, cfg)
+    jax.eval_shape(functools.partial(routed_experts, cfg=cfg), *args)

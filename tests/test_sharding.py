@@ -149,11 +149,11 @@ def test_param_shardings_rejects_indivisible_dims():
 
 # The sharded model equals the single-device model ----------------------------------------------------------
 
-MESHES = {  # (data, fsdp, expert, tensor)
-    "tiny": [(8, 1, 1, 1), (2, 1, 4, 1), (1, 1, 8, 1), (2, 2, 2, 1), (1, 2, 2, 2)],
-    "tiny_capacity": [(2, 1, 4, 1), (1, 2, 2, 2)],
-    "many": [(1, 1, 8, 1), (2, 2, 2, 1)],
-    "many_capacity": [(2, 1, 4, 1), (1, 2, 2, 2)],
+MESHES = {  # (data, fsdp, expert, tensor); (8, 1, 1, 1) and more capacity cases: test_expert_parallel.py
+    "tiny": [(2, 1, 4, 1), (1, 1, 8, 1), (2, 2, 2, 1), (1, 2, 2, 2)],
+    "tiny_capacity": [(2, 1, 4, 1)],
+    "many": [(1, 2, 2, 2)],
+    "many_capacity": [(1, 1, 8, 1)],
 }
 CASES = [(name, shape) for name, shapes in MESHES.items() for shape in shapes]
 
