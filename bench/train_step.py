@@ -38,6 +38,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from profiling import _profile_steps, attribute_kernels, f32_gemms, print_table, run_micro  # noqa: E402
+
 CORPUS = ROOT / "deepseek_jax" / "corpus" / "shakespeare.jsonl.gz"
 PEAK_TFLOPS = 989.0   # H100 SXM dense bf16
 
@@ -62,6 +65,9 @@ def parse_args(argv=None):
   p.add_argument("--hf-dtype", default=None, choices=("bfloat16", "float32"), help="default bf16 (CPU: fp32)")
   p.add_argument("--hf-attn", default="auto", help="auto (flash_attention_2 if installed, else sdpa) | sdpa | eager")
   p.add_argument("--hf-experts", default=None, help="HF experts_implementation (default: the library's choice)")
+  p.add_argument("--hf-autocast", type=int, default=0, help="1: HF weights in --hf-dtype, forward under bf16 autocast")
+  p.add_argument("--hf-fp32-row", action="store_true",
+                 help="also run HF with fp32 master weights + bf16 autocast (loss-parity check)")
   p.add_argument("--same-init", type=int, default=1, help="1: HF starts from our initial weights (via ckpt)")
   p.add_argument("--micro", action="store_true", help="also time the MoE and attention components")
   p.add_argument("--variants", default="", help='extra ours rows: "name:key=val,key=val;name2:..." '
@@ -182,9 +188,13 @@ def run_ours(args, cfg) -> dict:
   data = corpus_batches(args.steps, B, S)
   pos = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S))
 
+  # Unpacked rows: segment_ids=None gives the plain causal mask (cuDNN is_causal, as HF). MTP needs segment ids
+  # (its targets are masked across documents), so MTP configs get all-ones ids and a dense [B,1,S,S] mask.
+  seg = jnp.ones((B, S), jnp.int32) if cfg.model.n_mtp_layers else None
+
   def to_batch(inp, tgt):
     return {"inputs": jnp.asarray(inp), "targets": jnp.asarray(tgt), "positions": jnp.asarray(pos),
-            "loss_mask": jnp.ones((B, S), bool), "segment_ids": None}   # unpacked rows: plain causal mask
+            "loss_mask": jnp.ones((B, S), bool), "segment_ids": seg}
   batches = [to_batch(*b) for b in data]
   t0 = time.perf_counter()
   compiled = step.lower(state, batches[0]).compile()
@@ -214,6 +224,13 @@ def run_ours(args, cfg) -> dict:
   if args.profile and dev.platform == "gpu":
     t0 = time.perf_counter()
     state, res["profile"] = _profile_steps(compiled, state, batches)
+    try:
+      hlo = compiled.as_text()
+      names = [k_ for k_, _ in res["profile"].get("top_kernels_ms_per_step", [])]
+      res["profile"]["attribution"] = attribute_kernels(hlo, names)
+      res["profile"]["f32_gemms"] = f32_gemms(hlo)
+    except Exception as e:  # noqa: BLE001
+      res["profile"]["attribution_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     res["profile_s"] = time.perf_counter() - t0
   # Optimizer update alone (clip + AdamW + apply) on the full parameter tree.
   try:
@@ -238,77 +255,9 @@ def run_ours(args, cfg) -> dict:
   return res
 
 
-def _profile_steps(compiled, state, batches, n_steps: int = 2):
-  """Trace n_steps of the compiled step; GPU kernel time summed by name (jax.profiler + ProfileData)."""
-  import jax
-  d = tempfile.mkdtemp(prefix="jaxprof_")
-  jax.profiler.start_trace(d)
-  for i in range(n_steps):
-    state, m = compiled(state, batches[i])
-  jax.block_until_ready(m["loss"])
-  jax.profiler.stop_trace()
-  try:
-    return state, summarize_profile(d, n_steps)
-  except Exception as e:  # noqa: BLE001
-    return state, {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-
-
-def classify_kernel(name: str) -> str:
-  n = name.lower()
-  if any(s in n for s in ("fmha", "sdpa", "flash", "cudnn", "fprop", "dgrad_attn", "attention")):
-    return "attention (cuDNN)"
-  if any(s in n for s in ("mosaic", "ragged", "mn_loop", "pallas", "body")):
-    return "MoE grouped matmul (Pallas)"
-  if any(s in n for s in ("gemm", "xmma", "nvjet", "cutlass", "cublas", "matmul", "sm90_", "triton_gemm",
-                          "dot")):
-    return "dense matmul (cuBLAS/XLA)"
-  if any(s in n for s in ("sort", "radix", "cub::")):
-    return "sort"
-  if "scatter" in n:
-    return "scatter"
-  if "gather" in n or "dynamic_slice" in n:
-    return "gather"
-  if any(s in n for s in ("memcpy", "memset", "copy")):
-    return "copy/memset"
-  if "reduce" in n:
-    return "reduction fusions"
-  return "other fusions (elementwise)"
-
-
-def summarize_profile(log_dir: str, n_steps: int) -> dict:
-  from jax._src.lib import _profile_data
-  paths = sorted(pathlib.Path(log_dir).rglob("*.xplane.pb"))
-  if not paths:
-    return {"error": f"no xplane.pb under {log_dir}"}
-  pd = _profile_data.ProfileData.from_file(str(paths[-1]))
-  out = {"lines": {}, "by_class_ms_per_step": {}, "top_kernels_ms_per_step": []}
-  for plane in pd.planes:
-    if not plane.name.startswith("/device:GPU"):
-      continue
-    for line in plane.lines:
-      agg = {}
-      for ev in line.events:
-        agg[ev.name] = agg.get(ev.name, 0.0) + ev.duration_ns
-      total = sum(agg.values())
-      top = sorted(agg.items(), key=lambda kv: -kv[1])[:40]
-      out["lines"][f"{plane.name}|{line.name}"] = {
-          "total_ms_per_step": total / 1e6 / n_steps, "n_events": len(line.events),
-          "top": [(k[:160], v / 1e6 / n_steps) for k, v in top]}
-      if line.name.lower().startswith("stream") or "stream" in line.name.lower():
-        for k, v in agg.items():
-          c = classify_kernel(k)
-          out["by_class_ms_per_step"][c] = out["by_class_ms_per_step"].get(c, 0.0) + v / 1e6 / n_steps
-        out["top_kernels_ms_per_step"] += [(k[:160], v / 1e6 / n_steps) for k, v in top[:25]]
-  out["top_kernels_ms_per_step"] = sorted(out["top_kernels_ms_per_step"], key=lambda kv: -kv[1])[:40]
-  return out
-
-
-# Worker: Hugging Face ------------------------------------------------------------------------------------
-
 def run_hf(args, cfg) -> dict:
   import importlib.util
 
-  import numpy as np
   import torch
   import torch.nn.functional as F
   import transformers
@@ -328,6 +277,7 @@ def run_hf(args, cfg) -> dict:
   if args.hf_experts:
     hf_cfg._experts_implementation = args.hf_experts
   res = {"system": "hf", "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+         "autocast_bf16": bool(args.hf_autocast),
          "transformers": transformers.__version__, "dtype": str(dtype), "attn_implementation": attn,
          "batch": B, "seq_len": S}
   torch.manual_seed(0)
@@ -381,7 +331,11 @@ def run_hf(args, cfg) -> dict:
     for g in opt.param_groups:
       g["lr"] = lrs[i]
     inp, tgt = batches[i]
-    logits = model(input_ids=inp, use_cache=False).logits
+    if args.hf_autocast:
+      with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        logits = model(input_ids=inp, use_cache=False).logits
+    else:
+      logits = model(input_ids=inp, use_cache=False).logits
     loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), tgt.view(-1))
     loss.backward()
     if o.clip_norm > 0:
@@ -404,7 +358,6 @@ def run_hf(args, cfg) -> dict:
 
 def run_ckpt(args, cfg) -> dict:
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from deepseek_jax import convert
   from deepseek_jax import model as model_lib
@@ -420,157 +373,6 @@ def run_ckpt(args, cfg) -> dict:
 
 
 # Worker: component micro-benchmarks (GPU) ----------------------------------------------------------------
-
-def _time_fn(f, *a, n=10, warm=2):
-  import jax
-  for _ in range(warm):
-    jax.block_until_ready(f(*a))
-  ts = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*a))
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
-
-
-def _relerr(a, b):
-  import jax.numpy as jnp
-  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-  return float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-30))
-
-
-def run_micro(args, cfg) -> dict:
-  import jax
-  import jax.numpy as jnp
-  from deepseek_jax import moe
-  from deepseek_jax.attention import dot_product_attention
-  m = cfg.model
-  B, S = cfg.train.batch_size, cfg.data.seq_len
-  T, D, F, E, k = B * S, m.dim, m.moe_inter_dim, m.n_routed_experts, m.n_activated_experts
-  dt = jnp.dtype(m.dtype)
-  res = {"moe": {}, "attention": {}, "moe_shape": dict(T=T, D=D, F=F, E=E, k=k)}
-  ks = jax.random.split(jax.random.key(0), 8)
-  x = jax.random.normal(ks[0], (T, D), jnp.float32).astype(dt)
-  gate = jax.random.normal(ks[1], (D, E), jnp.float32) * m.init_std
-  r = moe.route(x, gate, jnp.zeros((E,), jnp.float32), m)
-  idx, w = r.idx_Tk, r.w_Tk
-  load = jnp.bincount(idx.reshape(-1), length=E)
-  res["moe_load_max_over_mean"] = float(load.max() / load.mean())
-  w1 = jax.random.normal(ks[2], (E, D, F), jnp.float32) * m.init_std
-  w3 = jax.random.normal(ks[3], (E, D, F), jnp.float32) * m.init_std
-  w2 = jax.random.normal(ks[4], (E, F, D), jnp.float32) * m.init_std
-  R = jax.random.normal(ks[5], (T, D), jnp.float32).astype(dt)
-  moe_flops = 3 * 2 * T * k * 3 * D * F   # fwd + bwd
-
-  def make(impl, cf=0.0, moe_impl="grouped"):
-    c = dataclasses.replace(m, capacity_factor=cf, moe_impl=moe_impl)
-
-    def loss(x, w, w1, w3, w2):
-      y, dropped = moe.local_routed_experts(x, idx, w, w1, w3, w2, c)
-      return jnp.sum(y.astype(jnp.float32) * R.astype(jnp.float32)), (y, dropped)
-
-    def f(x, w, w1, w3, w2):
-      old = moe.GROUPED_MATMUL
-      moe.GROUPED_MATMUL = impl
-      try:
-        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(x, w, w1, w3, w2)
-      finally:
-        moe.GROUPED_MATMUL = old
-    return jax.jit(f)
-
-  args_ = (x, w, w1, w3, w2)
-  ref = None
-  variants = [("xla ragged_dot (dropless)", "xla", 0.0, None)]
-  sweep = [dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1),
-           dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=2),
-           dict(block_m=128, block_n=192, block_k=64, max_concurrent_steps=4, grid_block_n=1)]
-  for b in sweep:
-    variants.append((f"mgpu gmm{tuple(b.values())}", "mgpu", 0.0, {"gmm": b}))
-  variants += [("mgpu tgmm(128,128,128,3,1)", "mgpu", 0.0,
-                {"tgmm": dict(block_m=128, block_n=128, block_k=128, max_concurrent_steps=3, grid_block_n=1)}),
-               ("capacity cf=1.0", "xla", 1.0, None), ("capacity cf=1.25", "xla", 1.25, None)]
-  gmm0, tgmm0 = dict(moe.MGPU_GMM_BLOCKS), dict(moe.MGPU_TGMM_BLOCKS)
-  best = {"gmm": None, "tgmm": None}
-  for name, impl, cf, blocks in variants:
-    moe.MGPU_GMM_BLOCKS.clear(); moe.MGPU_GMM_BLOCKS.update(best["gmm"] or gmm0)
-    moe.MGPU_TGMM_BLOCKS.clear(); moe.MGPU_TGMM_BLOCKS.update(best["tgmm"] or tgmm0)
-    if blocks:
-      moe.MGPU_GMM_BLOCKS.update(blocks.get("gmm", {}))
-      moe.MGPU_TGMM_BLOCKS.update(blocks.get("tgmm", {}))
-    entry = {"impl": impl, "capacity_factor": cf, "gmm": dict(moe.MGPU_GMM_BLOCKS),
-             "tgmm": dict(moe.MGPU_TGMM_BLOCKS)}
-    try:
-      f = make(impl, cf)
-      t0 = time.perf_counter()
-      (val, (y, dropped)), grads = f(*args_)
-      jax.block_until_ready(grads)
-      entry["compile_s"] = time.perf_counter() - t0
-      if ref is None:
-        ref = (y, grads)
-      else:
-        entry["relerr_y"] = _relerr(y, ref[0])
-        entry["relerr_grads"] = [_relerr(g, gr) for g, gr in zip(grads, ref[1])]
-      entry["dropped_frac"] = int(dropped) / (T * k)
-      entry["fwd_bwd_ms"] = _time_fn(f, *args_, n=8) * 1e3
-      entry["tflops"] = moe_flops / (entry["fwd_bwd_ms"] / 1e3) / 1e12
-    except Exception as e:  # noqa: BLE001
-      entry["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-    res["moe"][name] = entry
-    if ref is None:   # the lax.ragged_dot reference failed: the dense oracle (every expert on every token)
-      try:
-        (_, (y, _)), grads = make("xla", 0.0, "dense")(*args_)
-        ref = (y, grads)
-        res["moe_reference"] = "dense"
-      except Exception as e:  # noqa: BLE001
-        res["moe_reference_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    print(f"[micro] moe {name}: {json.dumps({k_: v for k_, v in entry.items() if k_ not in ('gmm', 'tgmm')})}",
-          flush=True)
-    ok = "error" not in entry and entry.get("relerr_y", 1.0) < 2e-2
-    if impl == "mgpu" and ok:
-      for kind in ("gmm", "tgmm"):
-        if blocks and kind in blocks:
-          cur = best.get(kind + "_ms")
-          if cur is None or entry["fwd_bwd_ms"] < cur:
-            best[kind], best[kind + "_ms"] = dict(blocks[kind]), entry["fwd_bwd_ms"]
-  res["mgpu_best"] = {"gmm": best["gmm"] or gmm0, "tgmm": best["tgmm"] or tgmm0}
-  mg = [v for k_, v in res["moe"].items() if v["impl"] == "mgpu"]
-  res["mgpu_ok"] = any("error" not in v and v.get("relerr_y", 1) < 2e-2 and
-                       max(v.get("relerr_grads", [1])) < 3e-2 for v in mg)
-  # Attention core, fwd + bwd, per implementation.
-  H, Kd, Od = m.n_heads, m.qk_head_dim, m.v_head_dim
-  q = jax.random.normal(ks[5], (B, S, H, Kd), jnp.float32).astype(dt)
-  kk = jax.random.normal(ks[6], (B, S, H, Kd), jnp.float32).astype(dt)
-  v = jax.random.normal(ks[7], (B, S, H, Od), jnp.float32).astype(dt)
-  Ro = jax.random.normal(ks[0], (B, S, H, Od), jnp.float32).astype(dt)
-  mask = jnp.tril(jnp.ones((S, S), bool))[None, None]
-  attn_flops = 3 * 2 * B * H * S * S * (Kd + Od) / 2   # causal-halved, fwd + bwd
-  aref = None
-  for name, impl, env in (("xla", "xla", "1"), ("cudnn padded V", "cudnn", "0"), ("cudnn MLA (private)", "cudnn", "1")):
-    entry = {}
-    try:
-      os.environ["DEEPSEEK_JAX_CUDNN_MLA"] = env
-
-      def aloss(q, kk, v, impl=impl):
-        o = dot_product_attention(q, kk, v, mask, m.softmax_scale, impl)
-        return jnp.sum(o.astype(jnp.float32) * Ro.astype(jnp.float32)), o
-      f = jax.jit(jax.value_and_grad(aloss, argnums=(0, 1, 2), has_aux=True))
-      (_, o), g = f(q, kk, v)
-      if aref is None:
-        aref = (o, g)
-      else:
-        entry["relerr_out"] = _relerr(o, aref[0])
-        entry["relerr_grads"] = [_relerr(a, b) for a, b in zip(g, aref[1])]
-      entry["fwd_bwd_ms"] = _time_fn(f, q, kk, v, n=8) * 1e3
-      entry["tflops"] = attn_flops / (entry["fwd_bwd_ms"] / 1e3) / 1e12
-    except Exception as e:  # noqa: BLE001
-      entry["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-    res["attention"][name] = entry
-    print(f"[micro] attention {name}: {json.dumps(entry)}", flush=True)
-  os.environ.pop("DEEPSEEK_JAX_CUDNN_MLA", None)
-  e = res["attention"].get("cudnn MLA (private)", {})
-  res["cudnn_mla_ok"] = "error" not in e and e.get("relerr_out", 1) < 2e-2
-  return res
-
 
 # Orchestrator --------------------------------------------------------------------------------------------
 
@@ -599,6 +401,7 @@ def _spawn(argv_base, worker, extra=(), env=None, background=False, timeout=None
   e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
   e.update(env or {})
   proc = subprocess.Popen(cmd, env=e)
+  proc.t_start = time.perf_counter()
   if background:
     return proc, out
   return _collect(proc, out, timeout)
@@ -612,15 +415,21 @@ def _collect(proc, out, timeout=None):
     proc.wait()
     return {"error": f"timed out after {timeout} s"}
   try:
-    return json.loads(pathlib.Path(out).read_text())
+    res = json.loads(pathlib.Path(out).read_text())
   except (OSError, ValueError):
-    return {"error": f"worker exited with {proc.returncode} and no result"}
+    res = {"error": f"worker exited with {proc.returncode} and no result"}
+  res["worker_wall_s"] = time.perf_counter() - proc.t_start
+  print(f"   ({res['worker_wall_s']:.0f} s{', ERROR ' + str(res['error'])[:300] if res.get('error') else ''})",
+        flush=True)
+  return res
 
 
 def _strip_orchestrator_args(argv):
   """Arguments passed through to workers (orchestrator-only ones removed)."""
   out, skip = [], False
   drop_with_value = {"--variants", "--out", "--deadline", "--only", "--variant-steps"}
+  if "--hf-fp32-row" in argv:
+    argv = [a for a in argv if a != "--hf-fp32-row"]
   for a in argv:
     if skip:
       skip = False
@@ -693,6 +502,8 @@ def main(argv=None):
     if args.moe_impl is None and not mic.get("error"):
       if mic.get("mgpu_ok"):
         base += ["--mgpu-blocks", json.dumps(mic["mgpu_best"])]
+        if cfg.model.capacity_factor <= 0 and cfg.model.moe_impl == "grouped":
+          jax_env["DEEPSEEK_JAX_GROUPED_MATMUL"] = "mgpu"
       elif cfg.model.capacity_factor <= 0 and cfg.model.moe_impl == "grouped":
         jax_env["DEEPSEEK_JAX_GROUPED_MATMUL"] = "xla"
         results["note_moe"] = "mgpu failed its micro check: ours uses lax.ragged_dot"
@@ -702,6 +513,12 @@ def main(argv=None):
   if want_ours:
     print("== ours", flush=True)
     results["rows"]["ours"] = _spawn(base, "ours", env=jax_env, timeout=900)
+    err = str(results["rows"]["ours"].get("error", ""))
+    if ("RESOURCE_EXHAUSTED" in err or "out of memory" in err.lower()) and cfg.model.remat == "none":
+      print("== ours OOM with remat=none: retrying with remat=save_dots", flush=True)
+      results["rows"]["ours[remat=none, OOM]"] = results["rows"].pop("ours")
+      base += ["--remat", "save_dots"]
+      results["rows"]["ours"] = _spawn(base, "ours", env=jax_env, timeout=900)
     save()
   if want_hf:
     if ckpt_proc is not None:
@@ -712,6 +529,12 @@ def main(argv=None):
     print("== hf", flush=True)
     results["rows"]["hf"] = _spawn(base, "hf", ["--ckpt-dir", ckpt_dir] if ckpt_dir else [], timeout=900)
     save()
+    if args.hf_fp32_row and time_left() > 100:
+      print("== hf[fp32 master + bf16 autocast]", flush=True)
+      results["rows"]["hf[fp32+autocast]"] = _spawn(
+          base, "hf", (["--ckpt-dir", ckpt_dir] if ckpt_dir else []) + ["--hf-dtype", "float32", "--hf-autocast", "1"],
+          timeout=max(60, min(600, time_left())))
+      save()
     if ckpt_dir:
       import shutil
       shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -731,76 +554,6 @@ def main(argv=None):
   save()
   print_table(results, cfg, args)
   return 0
-
-
-def fmt_gib(b):
-  return f"{b / 2**30:.1f}" if b else "-"
-
-
-def print_table(results, cfg, args):
-  fh, ff = results["flops_per_token"]["causal_halved"], results["flops_per_token"]["full_square"]
-  peak = cfg.train.peak_tflops if not args.small else None
-  rows = results["rows"]
-  print()
-  print(f"model FLOPs/token: {fh / 1e9:.3f} G (causal-halved attention), {ff / 1e9:.3f} G (full square); "
-        f"MFU vs {cfg.train.peak_tflops:g} TFLOP/s")
-  hdr = (f"{'system':<24} {'s/step':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'TF/s full':>9} {'MFU full':>8} "
-         f"{'peak GiB':>8} {'loss@1':>8} {'loss@end':>9} {'dropped':>8}")
-  print(hdr)
-  print("-" * len(hdr))
-  tok_step = None
-  for name, r in rows.items():
-    if r.get("error") or "median_step_s" not in r:
-      print(f"{name:<24} ERROR {str(r.get('error'))[:150]}")
-      continue
-    tok_step = r["batch"] * r["seq_len"]
-    s = r["median_step_s"]
-    tps = tok_step / s
-    mfu = lambda f: f"{100 * tps * f / 1e12 / peak:.1f}%" if peak else "-"   # noqa: E731
-    r["tokens_per_s"] = tps
-    r["tflops_halved"], r["tflops_full"] = tps * fh / 1e12, tps * ff / 1e12
-    drop = f"{100 * r['dropped_frac']:.2f}%" if "dropped_frac" in r else "0 (HF)"
-    print(f"{name:<24} {s:8.4f} {tps:9.0f} {tps * fh / 1e12:8.1f} {mfu(fh):>6} {tps * ff / 1e12:9.1f} {mfu(ff):>8} "
-          f"{fmt_gib(r.get('peak_bytes')):>8} {r['losses'][0]:8.4f} {r['losses'][-1]:9.4f} {drop:>8}")
-  o, h = rows.get("ours", {}), rows.get("hf", {})
-  if "tokens_per_s" in o and "tokens_per_s" in h:
-    results["ratio_ours_over_hf"] = o["tokens_per_s"] / h["tokens_per_s"]
-    lo, lh = o["losses"][-1], h["losses"][-1]
-    results["loss_rel_diff"] = abs(lo - lh) / lh
-    n = min(len(o["losses"]), len(h["losses"]))
-    print(f"\nours/HF tokens/s: {results['ratio_ours_over_hf']:.2f}x   loss at step {n}: ours {lo:.4f}, HF {lh:.4f} "
-          f"(rel diff {100 * results['loss_rel_diff']:.2f}%); step-1 loss ours {o['losses'][0]:.4f}, "
-          f"HF {h['losses'][0]:.4f}")
-    for i in sorted({0, 9, 19, 29, 39, n - 1}):
-      if i < n:
-        print(f"  step {i + 1:3d}: ours {o['losses'][i]:.4f}  HF {h['losses'][i]:.4f}")
-  for name in ("ours", "hf"):
-    r = rows.get(name, {})
-    if "median_step_s" in r:
-      extra = {k: r.get(k) for k in ("device", "compile_s", "pipelined_step_s", "optimizer_only_s", "grouped_matmul",
-                                     "experts_implementation", "attn_implementation", "init", "embed_checksum")
-               if r.get(k) is not None}
-      print(f"{name}: {json.dumps(extra, default=str)}")
-  if results.get("ckpt", {}).get("embed_checksum") is not None:
-    print(f"ckpt embed checksum (CPU init): {results['ckpt']['embed_checksum']:.3f}")
-  if "micro" in results and not results["micro"].get("error"):
-    mic = results["micro"]
-    print("\nmicro (fwd+bwd, one layer):")
-    for name, e in mic.get("moe", {}).items():
-      print(f"  moe  {name:<40} {e.get('fwd_bwd_ms', float('nan')):8.2f} ms {e.get('tflops', 0):6.0f} TF/s "
-            f"err {e.get('relerr_y', 0):.1e} drop {100 * e.get('dropped_frac', 0):.2f}% {e.get('error', '')[:80]}")
-    for name, e in mic.get("attention", {}).items():
-      print(f"  attn {name:<40} {e.get('fwd_bwd_ms', float('nan')):8.2f} ms {e.get('tflops', 0):6.0f} TF/s "
-            f"err {e.get('relerr_out', 0):.1e} {e.get('error', '')[:80]}")
-  prof = rows.get("ours", {}).get("profile")
-  if prof and not prof.get("error"):
-    print("\nprofile (GPU kernel time per step, ms):")
-    for c, v in sorted(prof.get("by_class_ms_per_step", {}).items(), key=lambda kv: -kv[1]):
-      print(f"  {c:<34} {v:8.2f}")
-  elif prof:
-    print(f"\nprofile: {prof.get('error')}")
-  if args.out:
-    pathlib.Path(args.out).write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ cosine to 2.2e-5 (final_lr_ratio=0.1). The optimizer state is a plain optax pytr
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -81,9 +82,10 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   tree structure (and so old checkpoints) the same either way.
   """
   clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
-  adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "eps_root", "weight_decay", "mask"))(
+  static = ("b1", "b2", "eps", "eps_root", "weight_decay", "mask", "mu_dtype")
+  adamw = optax.inject_hyperparams(optax.adamw, static_args=static)(
       learning_rate=make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-      weight_decay=cfg.weight_decay, mask=decay_mask)
+      weight_decay=cfg.weight_decay, mask=decay_mask, mu_dtype=jnp.dtype(cfg.mu_dtype))
   return optax.chain(clip, adamw)
 
 

@@ -26,14 +26,20 @@ Two buffer layouts (cfg.capacity_factor):
 
 Collectives, and the implicit ones added by autodiff:
   forward:  all_gather(w, fsdp) | all_to_all(x, ids: expert) | all_to_all(y: expert) | psum(y: tensor)
-            | psum(dropped: data, fsdp, expert)
+            | psum(dropped: data, fsdp, expert); pcast(w: data) and pcast(x, w_Tk: tensor) move no data
   backward: all_to_all transposes to all_to_all; all_gather to psum_scatter over fsdp (weight grads summed
-            over the fsdp token shards); weights are invariant over 'data' and x over 'tensor', so check_vma
-            inserts psum over 'data' for weight grads and over 'tensor' for dx.
+            over the fsdp token shards); pcast(w: data) to psum over 'data' (weight grads summed over the
+            data shards); pcast(x, w_Tk: tensor) to psum over 'tensor' (their grads summed over F slices).
+
+Cost: the dropless buffer is sized for the worst case, P * T * min(k, E_l) rows per device (P times what is
+sent on average); at large expert-parallel degree use the capacity path, whose buffers hold about cf * T * k.
 
 Backends: this dense fixed-capacity all_to_all runs everywhere (CPU tests, GPU, TPU) and is the only path.
 jax.lax.ragged_all_to_all (which would send only the valid rows of the dropless buffer) does not run on
-XLA:CPU (jax#34755), so it is not used here: CPU tests exercise exactly what GPUs run.
+XLA:CPU (jax#34755), so it is not used here: CPU tests exercise exactly what GPUs run. The receiver's
+grouped matmul is lax.ragged_dot (moe.grouped_ffn) on every backend. On an H100 that is ~30x slower than
+moe's Mosaic-GPU kernel (moe.fast_grouped_ffn), which cannot run here yet: its custom VJP returns weight
+gradients without the shard_map varying-axes type, which check_vma rejects.
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ class Layout(NamedTuple):
   mlp_axes: tuple[str, ...]     # axes the weights' F is split over (psum of the output)
   expert_axis: str | None       # the all_to_all axis (None: the mesh has no expert axis)
   n_shards: int                 # P: size of the expert axis
+  w_only_axes: tuple[str, ...]  # token axes the weights are replicated over (their grads: psum over these)
+  x_only_axes: tuple[str, ...]  # weight axes the tokens are replicated over (dx: psum over these)
 
 
 def _layout(mesh, n_tokens: int, n_experts: int) -> Layout:
@@ -83,8 +91,10 @@ def _layout(mesh, n_tokens: int, n_experts: int) -> Layout:
   if n_tokens % axis_size(mesh, token_axes):
     raise ValueError(f"{where}: {n_tokens} tokens cannot be split into {axis_size(mesh, token_axes)} shards "
                      f"over {token_axes}")
+  w_axes = tuple(a for entry in w_in for a in spec_axes(entry))
   return Layout(token_spec, w_in, w_out, token_axes, spec_axes(w_in[1]), spec_axes(w_in[2]), expert_axis,
-                n_shards)
+                n_shards, tuple(a for a in token_axes if a not in w_axes),
+                tuple(a for a in w_axes if a not in token_axes))
 
 
 def routed_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, cfg: ModelConfig):
@@ -100,6 +110,11 @@ def routed_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, cfg: ModelConfig)
 
   def body(x_TD, idx_Tk, w_Tk, w1_eDF, w3_eDF, w2_eFD):   # T = T_global / (data·fsdp·expert)
     w1_eDF, w3_eDF, w2_eFD = _gather_embed(w1_eDF, w3_eDF, w2_eFD, lay)
+    # Mark what each operand is replicated over as varying, so that the backward's reductions are these
+    # pcasts' transposes, written here: psum of the weight grads over the token shards they do not split
+    # ('data'), psum of dx and of the combine weights' grads over the F slices ('tensor').
+    w1_eDF, w3_eDF, w2_eFD = (_vary(w, lay.w_only_axes) for w in (w1_eDF, w3_eDF, w2_eFD))
+    x_TD, w_Tk = _vary(x_TD, lay.x_only_axes), _vary(w_Tk, lay.x_only_axes)
     plan = _plan(idx_Tk, w1_eDF.shape[0] * lay.n_shards, lay.n_shards, cfg)
     recv_PcD, recv_ids_Pc = _dispatch(x_TD, plan, lay, send_ids=cfg.capacity_factor <= 0)
     if cfg.capacity_factor > 0:
@@ -185,6 +200,11 @@ def _all_to_all(x, lay: Layout):
   if lay.expert_axis is None:
     return x
   return jax.lax.all_to_all(x, lay.expert_axis, 0, 0, tiled=True)
+
+
+def _vary(x, axes: tuple[str, ...]):
+  """pcast to varying over `axes` (no data moves); its transpose in the backward is psum over `axes`."""
+  return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
 def _gather_embed(w1_eDF, w3_eDF, w2_eFD, lay: Layout):

@@ -115,15 +115,20 @@ def _var_names(var: nnx.Variable) -> tuple[str | None, ...]:
 
 
 def param_specs(state) -> Any:
-  """Same tree as `state` (a State of Variables), each Variable holding its PartitionSpec."""
-  return jax.tree.map(lambda v: v.replace(logical_to_spec(_var_names(v))), state, is_leaf=_is_var)
+  """Same tree as `state` (e.g. a State of Variables), each Variable holding its PartitionSpec; leaves
+  outside Variables (an optimizer's step count) get P()."""
+  spec = lambda v: v.replace(logical_to_spec(_var_names(v))) if _is_var(v) else P()
+  return jax.tree.map(spec, state, is_leaf=_is_var)
 
 
 def param_shardings(state, mesh) -> Any:
-  """Same tree as `state`, each Variable holding a NamedSharding on `mesh` (State leaves may be arrays or
-  ShapeDtypeStructs). Raises ValueError naming the parameter when a dimension is not divisible."""
+  """Same tree as `state`, each Variable holding a NamedSharding on `mesh` (values may be arrays or
+  ShapeDtypeStructs; leaves outside Variables are replicated). Raises ValueError naming the parameter when
+  a dimension is not divisible by its mesh axes."""
 
   def one(path, var):
+    if not _is_var(var):
+      return NamedSharding(mesh, P())
     spec = mesh_spec(_var_names(var), mesh)
     name = jax.tree_util.keystr(path)
     if len(spec) != len(var.shape):

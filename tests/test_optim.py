@@ -142,3 +142,15 @@ def test_current_lr_follows_the_schedule_under_jit():
   for i in range(14):
     params, state, lr = step(params, state)
     np.testing.assert_allclose(float(lr), float(schedule(i)), rtol=1e-6, atol=1e-12)
+
+
+def test_bf16_first_moment():
+  import dataclasses
+  import jax.numpy as jnp
+  from deepseek_jax.config import OptimConfig
+  from deepseek_jax.optim import make_optimizer
+  cfg = dataclasses.replace(OptimConfig(), mu_dtype="bfloat16", warmup_steps=1, decay_steps=0)
+  params = {"w": jnp.ones((4, 4))}
+  state = make_optimizer(cfg).init(params)
+  mus = [leaf for leaf in jax.tree.leaves(state) if getattr(leaf, "shape", None) == (4, 4)]
+  assert {str(m.dtype) for m in mus} == {"bfloat16", "float32"}   # mu in bf16, nu stays fp32
