@@ -2,10 +2,6 @@
 
 import os
 
-# tests/conftest.py normally gives 8 CPU devices; this keeps the module runnable without it (before jax loads).
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402

@@ -31,7 +31,9 @@ def free_port() -> int:
 def worker_env() -> dict[str, str]:
   """CPU only, 4 devices per process: nothing of this process's 8-device setting may leak in."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.pop("XLA_FLAGS", "")).strip()
+  if flags:                         # XLA reads a non-"--" value as a file name, so never pass blanks
+    env["XLA_FLAGS"] = flags
   env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4",
              PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
   return env
