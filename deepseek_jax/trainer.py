@@ -76,7 +76,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, cfg: Config):
   params = optax.apply_updates(state.params, updates)
   bias = _update_biases(state.bias, load_LE, cfg.train.bias_update_speed)
   metrics.update(_load_metrics(load_LE))
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["lr"] = make_schedule(cfg.optim)(state.step)
   return TrainState(state.step + 1, params, opt_state, bias), metrics
 
