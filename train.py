@@ -55,6 +55,7 @@ class Run:
     batch_spec = rules.mesh_spec(("batch", None), self.mesh)
     self.batch_sh = NamedSharding(self.mesh, batch_spec)
     self.tx = trainer.make_optimizer(cfg.optim)
+    self._abstract = jax.eval_shape(self._init_fn)   # the TrainState's shapes, traced once
     with jax.set_mesh(self.mesh):
       self.state_sh = self._state_shardings()
     step = functools.partial(trainer.train_step, graphdef=self.graphdef, tx=self.tx, cfg=cfg)
@@ -65,10 +66,8 @@ class Run:
 
   def _state_shardings(self):
     """Optimizer moments follow their parameters; scalars (step, counts, lr) are replicated."""
-    abstract = jax.eval_shape(self._init_fn)
-    params_abs = abstract.params
     replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    opt_sh = _match_param_shardings(abstract.opt_state, params_abs, self.param_sh, replicated)
+    opt_sh = _match_param_shardings(self._abstract.opt_state, self._abstract.params, self.param_sh, replicated)
     return trainer.TrainState(replicated, self.param_sh, opt_sh, self.bias_sh)
 
   def _init_fn(self):
@@ -98,8 +97,8 @@ class Run:
     return trainer.TrainState(step, params, opt_state, bias)
 
   def abstract_state(self):
-    abstract = jax.eval_shape(self._init_fn)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self._abstract,
+                        self.state_sh)
 
   def device_batch(self, local: dict) -> dict:
     local = {k: local[k] for k in trainer.BATCH_KEYS}
