@@ -69,7 +69,7 @@ class MLA(nnx.Module):
     if cfg.q_lora_rank:
       self.wq_a = param(rngs, (D, cfg.q_lora_rank), ("embed", "q_lora"), std)
       self.q_norm = RMSNorm(cfg.q_lora_rank, 1e-6)   # HF and the reference fix 1e-6 for the latent norms
-      self.wq_b = param(rngs, (cfg.q_lora_rank, H, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"), std)
+      self.wq_b = param(rngs, (cfg.q_lora_rank, H, cfg.qk_head_dim), ("lora_in", "heads", "head_dim"), std)
     else:
       self.wq = param(rngs, (D, H, cfg.qk_head_dim), ("embed", "heads", "head_dim"), std)
     # [c_KV ; k_pe]: the latent (C) and one RoPE key shared by all heads (R).
@@ -77,7 +77,7 @@ class MLA(nnx.Module):
     self.kv_norm = RMSNorm(cfg.kv_lora_rank, 1e-6)
     # per head: [k_nope (K) ; v (O)]
     self.wkv_b = param(rngs, (cfg.kv_lora_rank, H, cfg.qk_nope_head_dim + cfg.v_head_dim),
-                       ("kv_lora", "heads", "head_dim"), std)
+                       ("lora_in", "heads", "head_dim"), std)
     self.wo = param(rngs, (H, cfg.v_head_dim, D), ("heads", "head_dim", "embed"), std)
 
   def __call__(self, x_BSD, cos_sin, mask_B1ST):

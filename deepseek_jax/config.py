@@ -20,6 +20,19 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class GmmTiles:
+  """Tile shapes of the Mosaic-GPU grouped-matmul kernels (kernels/grouped_matmul.py). Defaults measured on
+  H100 at the bench shapes (bench/README.md)."""
+  block_m: int = 128
+  block_n: int = 128
+  block_k: int = 64
+  max_concurrent_steps: int = 4
+  grid_block_n: int = 2           # forward / input-gradient kernel
+  wgrad_grid_block_n: int = 1     # weight-gradient kernel
+  fuse_w13: bool = True           # one [E, D, 2F] gate|up matmul instead of two [E, D, F] ones
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
   """Architecture. Defaults are DeepSeek-V3-671B."""
   vocab_size: int = 129280        # V
@@ -66,6 +79,8 @@ class ModelConfig:
   # --- implementation ---
   moe_impl: str = "grouped"       # "grouped" (sort + grouped matmul) or "dense" (every expert on every token)
   capacity_factor: float = 0.0    # 0 = dropless; >0 = per-expert capacity ceil(cf * tokens * k / E)
+  gmm_impl: str = "auto"          # dropless grouped matmul: "auto" (mgpu on Hopper, else xla), "xla", "mgpu", "ref"
+  gmm_tiles: GmmTiles = dataclasses.field(default_factory=GmmTiles)
   attn_impl: str = "xla"          # "xla" or "cudnn" (GPU only)
   remat: str = "none"             # "none", "full", "save_dots" (see model.REMAT_POLICIES)
 
@@ -74,6 +89,7 @@ class ModelConfig:
     _check_choice("model.score_func", self.score_func, ("sigmoid", "softmax"))
     _check_choice("model.dtype", self.dtype, ("bfloat16", "float32"))
     _check_choice("model.moe_impl", self.moe_impl, ("grouped", "dense"))
+    _check_choice("model.gmm_impl", self.gmm_impl, ("auto", "xla", "mgpu", "ref"))
     _check_choice("model.attn_impl", self.attn_impl, ("xla", "cudnn"))
     _check_choice("model.remat", self.remat, ("none", "full", "save_dots"))
     for name in ("vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "v_head_dim", "max_seq_len"):
@@ -242,7 +258,7 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
 def from_dict(cls, d: dict[str, Any], prefix: str = ""):
   """Builds dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError."""
   if not isinstance(d, dict):
-    raise ConfigError(f"section {prefix or '<root>'!r} must be a mapping, got {type(d).__name__}")
+    raise ConfigError(f"section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {type(d).__name__}")
   hints = typing.get_type_hints(cls)
   fields = {f.name for f in dataclasses.fields(cls)}
   kwargs = {}
@@ -251,8 +267,8 @@ def from_dict(cls, d: dict[str, Any], prefix: str = ""):
     if key not in fields:
       raise ConfigError(f"unknown config key {name!r} (known: {', '.join(sorted(fields))})")
     typ = hints[key]
-    if dataclasses.is_dataclass(typ):
-      kwargs[key] = from_dict(typ, value or {}, prefix=f"{name}.")
+    if dataclasses.is_dataclass(typ):   # an empty YAML section (None) is the defaults; false, 0, [] are errors
+      kwargs[key] = from_dict(typ, {} if value is None else value, prefix=f"{name}.")
     else:
       kwargs[key] = _coerce(name, value, typ)
   return cls(**kwargs)

@@ -4,6 +4,7 @@ Einsum letter glossary (also used as name suffixes, e.g. `x_BSD`):
   B batch   S query positions   T key positions (or B*S flattened tokens in MoE code)   D model width
   H heads   K nope head dim     R rope head dim   O value head dim   Q q latent   C kv latent
   E routed experts   k top-k   F expert hidden   G expert groups   V vocab   M sorted assignments (T*k)
+(In MoE code T is the flattened B*S tokens; attention keeps T for key positions.)
 
 Parameters live in `nnx.Param`s (float32), the router bias in `RouterBias` variables. Call `split_model`
 once, then use the pure function `apply(graphdef, params, bias, batch)` under jit/grad/vmap.
@@ -11,7 +12,7 @@ once, then use the pure function `apply(graphdef, params, bias, batch)` under ji
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,14 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+class Aux(NamedTuple):
+  """What the forward returns besides the main logits."""
+  load: Any              # expert load [E] per MoE layer, a tree shaped like the router-bias tree
+  aux_loss: jax.Array    # sum of the sequence-wise balance losses
+  dropped: jax.Array     # int32: assignments dropped by capacity limits
+  mtp_logits: list       # [B, S, V] per MTP depth; entry k-1 predicts token i+k+1 from position i
 
 
 class Block(nnx.Module):
@@ -74,7 +83,10 @@ class Transformer(nnx.Module):
     self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.n_mtp_layers)])
 
   def _embed(self, tokens_BS):
-    return self.embed[...].astype(dtype_of(self.cfg))[tokens_BS]
+    # Gather the table's width in the compute dtype before the lookup: a lookup into a table split over the
+    # token axes would make the partitioner rematerialize the whole table in float32.
+    table_VD = constrain(self.embed[...].astype(dtype_of(self.cfg)), ("vocab", None))
+    return table_VD[tokens_BS]
 
   def _logits(self, h_BSD):
     logits = jnp.einsum("bsd,dv->bsv", h_BSD, self.head[...].astype(h_BSD.dtype),
@@ -88,8 +100,7 @@ class Transformer(nnx.Module):
     return fn(block, h_BSD, cos_sin, mask, token_mask)
 
   def __call__(self, tokens_BS, positions_BS=None, segment_ids_BS=None, *, mtp: bool = True):
-    """Returns (logits_BSV float32, aux). aux: 'load' [n_moe, E], 'aux_loss', 'dropped', 'mtp_logits'
-    (list of [B, S, V]; entry k-1 predicts token i+k+1 from position i; its last k positions are junk)."""
+    """Returns (logits_BSV float32, Aux). The last k positions of MTP depth k's logits are junk."""
     cfg = self.cfg
     B, S = tokens_BS.shape
     if positions_BS is None:
@@ -99,36 +110,33 @@ class Transformer(nnx.Module):
     mask_B1ST = attention_mask(segment_ids_BS, S)
 
     h_BSD = constrain(self._embed(tokens_BS), ("batch", "seq", "act_embed"))
-    stats = []
-    for block in self.layers:
+    stats, load = [], {}     # load mirrors the router-bias tree: layers.i.ffn.bias, mtp.j.block.ffn.bias
+    for i, block in enumerate(self.layers):
       h_BSD, st = self._run_block(block, h_BSD, cos_sin, mask_B1ST, token_mask_BS)
-      stats.append(st)
+      if st is not None:
+        stats.append(st)
+        load.setdefault("layers", {})[i] = {"ffn": {"bias": st["load"]}}
     h_BSD = self.norm(h_BSD)
     logits_BSV = self._logits(h_BSD)
 
     mtp_logits = []
     if mtp:
-      for k, module in enumerate(self.mtp, start=1):
+      for j, module in enumerate(self.mtp):
+        k = j + 1
         # Position i combines h^{k-1}_i with the embedding of token i+k (rolled; the tail is junk, masked
         # by the loss).
         emb_BSD = self._embed(jnp.roll(tokens_BS, -k, axis=1))
         x_BSD = jnp.concatenate([module.enorm(emb_BSD), module.hnorm(h_BSD)], axis=-1)
         h_BSD = x_BSD @ module.eh_proj[...].astype(x_BSD.dtype)
         h_BSD, st = self._run_block(module.block, h_BSD, cos_sin, mask_B1ST, token_mask_BS)
-        stats.append(st)
+        if st is not None:
+          stats.append(st)
+          load.setdefault("mtp", {})[j] = {"block": {"ffn": {"bias": st["load"]}}}
         mtp_logits.append(self._logits(module.norm(h_BSD)))
-    return logits_BSV, _collect_stats(stats, mtp_logits)
-
-
-def _collect_stats(stats: list[Any], mtp_logits: list[jax.Array]) -> dict[str, Any]:
-  moe = [s for s in stats if s is not None]
-  zero = jnp.zeros((), jnp.float32)
-  return {
-      "load": jnp.stack([s["load"] for s in moe]) if moe else jnp.zeros((0, 0), jnp.float32),
-      "aux_loss": sum((s["aux_loss"] for s in moe), zero),
-      "dropped": sum((s["dropped"] for s in moe), jnp.zeros((), jnp.int32)),
-      "mtp_logits": mtp_logits,
-  }
+    return logits_BSV, Aux(load=load,
+                           aux_loss=sum((st["aux_loss"] for st in stats), jnp.zeros((), jnp.float32)),
+                           dropped=sum((st["dropped"] for st in stats), jnp.zeros((), jnp.int32)),
+                           mtp_logits=mtp_logits)
 
 
 # Functional interface ----------------------------------------------------------------------------------

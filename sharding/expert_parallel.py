@@ -9,19 +9,20 @@ The shard_map is manual over every mesh axis. On each device (P = size of 'exper
   2. dispatch: all_to_all over 'expert'; shard p receives [P (sources), cap, D].
   3. experts: all_gather the weights' D over 'fsdp'; run the local experts on the received rows; each
      tensor shard computes its F slice, so the result is a partial sum over 'tensor'.
-  4. combine: all_to_all back over 'expert', gather each assignment's row, weighted sum over k (moe.combine),
+  4. combine: all_to_all back over 'expert', gather each assignment's row, weighted sum over k,
      then psum over 'tensor' (the F contraction).
 
 Two buffer layouts (cfg.capacity_factor):
   * dropless (cf = 0): cap = T * min(k, E_l) rows per destination, enough for every assignment of every local
     token. Rows are packed in expert order; the expert ids travel with them (a second, int all_to_all) and
-    the receiver re-sorts its P*cap rows by local expert for lax.ragged_dot (moe.grouped_ffn).
-  * capacity (cf > 0): C = ceil(cf * T * k / E) slots per expert per *source* shard (moe.capacity of the local
+    the receiver re-sorts its P*cap rows by local expert for the grouped matmul (experts.grouped_swiglu, with
+    the implementation cfg.gmm_impl resolves to: the Pallas Mosaic-GPU kernel on Hopper).
+  * capacity (cf > 0): C = ceil(cf * T * k / E) slots per expert per *source* shard (experts.capacity of the local
     tokens), so cap = E_l * C per destination (= ceil(cf * T * k / P) up to rounding). The receiver regroups
-    [P, E_l, C, D] -> [E_l, P*C, D] by a transpose and runs a batched einsum (moe.padded_ffn).
+    [P, E_l, C, D] -> [E_l, P*C, D] by a transpose and runs a batched einsum (experts.batched_swiglu).
     Drop policy (deterministic): on each source device, each expert keeps its first C assignments in local
-    token order (the stable argsort of moe.sort_by_expert); the rest contribute 0 to the output. This is
-    exactly moe.local_routed_experts applied to each device's local tokens, and with one token shard it is
+    token order (the stable argsort of experts.sort_by_expert); the rest contribute 0 to the output. This is
+    exactly experts.capacity_experts applied to each device's local tokens, and with one token shard it is
     the single-device path. `dropped` is the global count of dropped assignments (psum over token axes).
 
 Collectives, and the implicit ones added by autodiff:
@@ -34,12 +35,12 @@ Collectives, and the implicit ones added by autodiff:
 Cost: the dropless buffer is sized for the worst case, P * T * min(k, E_l) rows per device (P times what is
 sent on average); at large expert-parallel degree use the capacity path, whose buffers hold about cf * T * k.
 
-Backends: this dense fixed-capacity all_to_all runs everywhere (CPU tests, GPU, TPU) and is the only path.
+Weights enter the shard_map already cast to the compute dtype (bf16), so the FSDP all_gather moves half the
+bytes of float32 master weights; the cast's transpose returns float32 gradients outside.
+
+Backends: this dense fixed-capacity all_to_all runs everywhere (CPU tests, GPU, TPU).
 jax.lax.ragged_all_to_all (which would send only the valid rows of the dropless buffer) does not run on
-XLA:CPU (jax#34755), so it is not used here: CPU tests exercise exactly what GPUs run. The receiver's
-grouped matmul is lax.ragged_dot (moe.grouped_ffn) on every backend. On an H100 that is ~30x slower than
-moe's Mosaic-GPU kernel (moe.fast_grouped_ffn), which cannot run here yet: its custom VJP returns weight
-gradients without the shard_map varying-axes type, which check_vma rejects.
+XLA:CPU (jax#34755), so it is not used here: CPU tests exercise exactly what GPUs run.
 """
 
 from __future__ import annotations
@@ -50,14 +51,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax import moe
+from deepseek_jax import experts
 from deepseek_jax.config import ModelConfig
-from sharding.rules import axis_size, current_mesh, mesh_spec, spec_axes
+from sharding.rules import axis_size, mesh_spec, spec_axes
 
 EXPERT_AXIS = "expert"
-# Logical names of the routed-expert weights; must match moe.MoE's parameter declarations.
-W_IN_NAMES = ("expert", "embed", "moe_mlp")    # w1, w3 [E, D, F]
-W_OUT_NAMES = ("expert", "moe_mlp", "embed")   # w2     [E, F, D]
+# Logical names of the routed-expert weights (moe.MoE declares its parameters with these).
+W_IN_NAMES = ("expert", "expert_embed", "moe_mlp")    # w1, w3 [E, D, F]
+W_OUT_NAMES = ("expert", "moe_mlp", "expert_embed")   # w2     [E, F, D]
 TOKEN_NAMES = ("batch", None)                  # x_TD, idx_Tk, w_Tk
 
 
@@ -97,16 +98,16 @@ def _layout(mesh, n_tokens: int, n_experts: int) -> Layout:
                 tuple(a for a in w_axes if a not in token_axes))
 
 
-def routed_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, cfg: ModelConfig):
-  """Routed experts over the current mesh (jax.set_mesh); the single-device path when there is none.
+def routed_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, cfg: ModelConfig, impl: str, mesh):
+  """Dropless or capacity routed experts inside one shard_map over `mesh` (every axis manual).
 
-  Returns (y_TD, dropped): the weighted sum of each token's k expert outputs, and the number of dropped
-  assignments over all devices (0 when dropless).
+  `impl` is the resolved grouped-matmul implementation (kernels.grouped_matmul). Returns (y_TD, dropped):
+  the weighted sum of each token's k expert outputs, and the number of dropped assignments over all devices
+  (0 when dropless).
   """
-  mesh = current_mesh()
-  if mesh is None or cfg.moe_impl == "dense":   # "dense" is the oracle: left to the compiler
-    return moe.local_routed_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, cfg)
   lay = _layout(mesh, x_TD.shape[0], w1_EDF.shape[0])
+  dt = x_TD.dtype
+  w1_EDF, w3_EDF, w2_EFD = (w.astype(dt) for w in (w1_EDF, w3_EDF, w2_EFD))   # gathered in bf16, not f32
 
   def body(x_TD, idx_Tk, w_Tk, w1_eDF, w3_eDF, w2_eFD):   # T = T_global / (data·fsdp·expert)
     w1_eDF, w3_eDF, w2_eFD = _gather_embed(w1_eDF, w3_eDF, w2_eFD, lay)
@@ -115,12 +116,16 @@ def routed_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, cfg: ModelConfig)
     # ('data'), psum of dx and of the combine weights' grads over the F slices ('tensor').
     w1_eDF, w3_eDF, w2_eFD = (_vary(w, lay.w_only_axes) for w in (w1_eDF, w3_eDF, w2_eFD))
     x_TD, w_Tk = _vary(x_TD, lay.x_only_axes), _vary(w_Tk, lay.x_only_axes)
+    if lay.n_shards == 1 and cfg.capacity_factor <= 0:   # no expert axis to cross: experts on local tokens
+      y_TD = experts.dropless_experts(x_TD, idx_Tk, w_Tk, w1_eDF, w3_eDF, w2_eFD, impl, cfg.gmm_tiles)
+      y_TD = jax.lax.psum(y_TD, lay.mlp_axes) if lay.mlp_axes else y_TD
+      return y_TD, jnp.zeros((), jnp.int32)
     plan = _plan(idx_Tk, w1_eDF.shape[0] * lay.n_shards, lay.n_shards, cfg)
     recv_PcD, recv_ids_Pc = _dispatch(x_TD, plan, lay, send_ids=cfg.capacity_factor <= 0)
     if cfg.capacity_factor > 0:
       out_PcD = _capacity_experts(recv_PcD, w1_eDF, w3_eDF, w2_eFD)
     else:
-      out_PcD = _dropless_experts(recv_PcD, recv_ids_Pc, w1_eDF, w3_eDF, w2_eFD)
+      out_PcD = _dropless_experts(recv_PcD, recv_ids_Pc, w1_eDF, w3_eDF, w2_eFD, impl, cfg.gmm_tiles)
     y_TD = _combine(out_PcD, plan, w_Tk, lay)
     if lay.mlp_axes:
       y_TD = jax.lax.psum(y_TD, lay.mlp_axes)   # each tensor shard summed over its F slice only
@@ -135,11 +140,10 @@ def routed_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, cfg: ModelConfig)
   return fn(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD)
 
 
-def dispatched(x_TD, idx_Tk, cfg: ModelConfig):
+def dispatched(x_TD, idx_Tk, cfg: ModelConfig, mesh):
   """The buffer the experts see after the dispatch all_to_all, as a global array [n_devices * P, cap, D]
   sharded like the tokens, with the local expert id of every row ([n_devices * P, cap]; E_l = empty row).
-  For tests and debugging; needs a mesh."""
-  mesh = current_mesh()
+  For tests and debugging."""
   lay = _layout(mesh, x_TD.shape[0], cfg.n_routed_experts)
   stacked = P(lay.token_spec[0], None, None)   # shards stacked over the token axes (replicated over tensor)
 
@@ -153,9 +157,10 @@ def dispatched(x_TD, idx_Tk, cfg: ModelConfig):
 
 # Pieces of the per-device body ---------------------------------------------------------------------------
 
-class Plan(NamedTuple):
+class DispatchPlan(NamedTuple):
   """Where each local assignment goes. M = T*k assignments, sorted by global expert."""
   order_M: jnp.ndarray   # index into the flattened [T*k] assignments (token = order // k)
+  inverse_M: jnp.ndarray # sorted position of each flattened assignment
   shard_M: jnp.ndarray   # destination expert shard
   row_M: jnp.ndarray     # row in the destination's buffer; == cap when the assignment is dropped
   local_M: jnp.ndarray   # expert id on the destination shard (0 .. E_l-1)
@@ -163,13 +168,13 @@ class Plan(NamedTuple):
   n_local: int           # E_l: experts per shard (static)
 
 
-def _plan(idx_Tk, n_experts: int, n_shards: int, cfg: ModelConfig) -> Plan:
+def _plan(idx_Tk, n_experts: int, n_shards: int, cfg: ModelConfig) -> DispatchPlan:
   T, k = idx_Tk.shape
   E_l = n_experts // n_shards
-  s = moe.sort_by_expert(idx_Tk, n_experts)
+  s = experts.sort_by_expert(idx_Tk, n_experts)
   shard_M, local_M = s.expert_M // E_l, s.expert_M % E_l
   if cfg.capacity_factor > 0:   # C slots per expert; rank = position among this expert's local assignments
-    C = moe.capacity(T, cfg)
+    C = experts.capacity(T, cfg)
     cap = E_l * C
     row_M = jnp.where(s.rank_M < C, local_M * C + s.rank_M, cap)
   else:                         # dropless: packed in expert order, each destination has room for all
@@ -177,14 +182,15 @@ def _plan(idx_Tk, n_experts: int, n_shards: int, cfg: ModelConfig) -> Plan:
     per_shard = s.group_sizes_E.reshape(n_shards, E_l).sum(1)
     start = jnp.cumsum(per_shard) - per_shard
     row_M = jnp.arange(T * k, dtype=jnp.int32) - start[shard_M]
-  return Plan(s.order_M, shard_M, row_M.astype(jnp.int32), local_M.astype(jnp.int32), cap, E_l)
+  return DispatchPlan(s.order_M, s.inverse_M, shard_M, row_M.astype(jnp.int32), local_M.astype(jnp.int32), cap, E_l)
 
 
-def _dispatch(x_TD, plan: Plan, lay: Layout, send_ids: bool):
+def _dispatch(x_TD, plan: DispatchPlan, lay: Layout, send_ids: bool):
   """Packs [P, cap, D] (+ local expert ids [P, cap]) and exchanges them over the expert axis."""
   k = plan.order_M.shape[0] // x_TD.shape[0]
   send_PcD = jnp.zeros((lay.n_shards, plan.cap, x_TD.shape[1]), x_TD.dtype)
-  send_PcD = send_PcD.at[plan.shard_M, plan.row_M].set(x_TD[plan.order_M // k], mode="drop")
+  x_MD = experts.gather_assignments(x_TD, plan.order_M, plan.inverse_M, k)
+  send_PcD = send_PcD.at[plan.shard_M, plan.row_M].set(x_MD, mode="drop")
   # all_to_all #1 (dispatch): chunk p of axis 0 goes to expert shard p; received chunks stacked by source.
   recv_PcD = _all_to_all(send_PcD, lay)
   if not send_ids:
@@ -215,28 +221,34 @@ def _gather_embed(w1_eDF, w3_eDF, w2_eFD, lay: Layout):
   return gather(w1_eDF, 1), gather(w3_eDF, 1), gather(w2_eFD, 2)
 
 
-def _dropless_experts(recv_PcD, ids_Pc, w1_eDF, w3_eDF, w2_eFD):
-  """Re-sort the received rows by local expert, grouped matmul, and put them back in received order."""
-  P_, cap, D = recv_PcD.shape
+def _dropless_experts(recv_PcD, ids_Pc, w1_eDF, w3_eDF, w2_eFD, impl: str, tiles):
+  """Re-sort the received rows by local expert, grouped SwiGLU, and put them back in received order.
+
+  Empty rows (id E_l) sort last and are counted into the last expert's group, so the groups cover every
+  row (as the Mosaic-GPU kernel requires): they are zero rows, whose output and weight gradients are 0."""
+  n_src, cap, D = recv_PcD.shape
   E_l = w1_eDF.shape[0]
-  s = moe.sort_by_expert(ids_Pc.reshape(-1, 1), E_l + 1)   # group E_l = empty rows, last
-  x_RD = recv_PcD.reshape(P_ * cap, D)[s.order_M]
-  y_RD = moe.grouped_ffn(x_RD, s.group_sizes_E[:E_l], w1_eDF, w3_eDF, w2_eFD)   # empty rows -> 0
-  return jnp.zeros_like(y_RD).at[s.order_M].set(y_RD).reshape(P_, cap, D)
+  s = experts.sort_by_expert(ids_Pc.reshape(-1, 1), E_l + 1)
+  sizes_e = s.group_sizes_E[:E_l].at[E_l - 1].add(s.group_sizes_E[E_l])
+  x_RD = experts.permute_rows(recv_PcD.reshape(n_src * cap, D), s.order_M, s.inverse_M)
+  y_RD = experts.grouped_swiglu(x_RD, sizes_e, w1_eDF, w3_eDF, w2_eFD, impl, tiles)
+  return experts.permute_rows(y_RD, s.inverse_M, s.order_M).reshape(n_src, cap, D)
 
 
 def _capacity_experts(recv_PcD, w1_eDF, w3_eDF, w2_eFD):
   """Rows arrive in [source, local expert, slot] order: regroup by expert, batched einsum, regroup back."""
-  P_, cap, D = recv_PcD.shape
+  n_src, cap, D = recv_PcD.shape
   E_l = w1_eDF.shape[0]
   C = cap // E_l
-  x_ECD = recv_PcD.reshape(P_, E_l, C, D).transpose(1, 0, 2, 3).reshape(E_l, P_ * C, D)
-  y_ECD = moe.padded_ffn(x_ECD, w1_eDF, w3_eDF, w2_eFD)
-  return y_ECD.reshape(E_l, P_, C, D).transpose(1, 0, 2, 3).reshape(P_, cap, D)
+  x_ECD = recv_PcD.reshape(n_src, E_l, C, D).transpose(1, 0, 2, 3).reshape(E_l, n_src * C, D)
+  y_ECD = experts.batched_swiglu(x_ECD, w1_eDF, w3_eDF, w2_eFD)
+  return y_ECD.reshape(E_l, n_src, C, D).transpose(1, 0, 2, 3).reshape(n_src, cap, D)
 
 
-def _combine(out_PcD, plan: Plan, w_Tk, lay: Layout):
+def _combine(out_PcD, plan: DispatchPlan, w_Tk, lay: Layout):
   # all_to_all #3 (combine): results go back to the shard that sent the rows, stacked by expert shard.
   back_PcD = _all_to_all(out_PcD, lay)
   y_MD = back_PcD.at[plan.shard_M, plan.row_M].get(mode="fill", fill_value=0)   # dropped rows -> 0
-  return moe.combine(y_MD, plan.order_M, w_Tk)
+  T, k = w_Tk.shape
+  y_TkD = experts.permute_rows(y_MD, plan.inverse_M, plan.order_M).reshape(T, k, -1)
+  return experts.weighted_sum_k(y_TkD, w_Tk)

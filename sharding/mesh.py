@@ -46,14 +46,13 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def validate_mesh_for_model(mesh: Mesh, cfg: ModelConfig, batch_size: int) -> None:
+def validate_mesh_for_model(mesh: Mesh, cfg: ModelConfig, batch_size: int, abstract_params) -> None:
   """Raises ValueError if `mesh` cannot shard `cfg` at global `batch_size` sequences.
 
   Checks the expert axis against the experts, the tensor axis against the heads, the token axes against
-  the batch, then every parameter dimension against the rules (inter_dim, vocab, dim, ...).
+  the batch, then every dimension of `abstract_params` (an nnx State of the model's parameters, e.g. from
+  model.abstract_model) against the rules (inter_dim, vocab, dim, ...).
   """
-  from deepseek_jax.model import abstract_model  # model imports sharding.rules; keep the import local
-
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   where = f"mesh {_describe(sizes)}"
   problems = []
@@ -69,8 +68,7 @@ def validate_mesh_for_model(mesh: Mesh, cfg: ModelConfig, batch_size: int) -> No
     problems.append(f"the batch axes {batch_axes} ({n_batch} shards) do not divide batch_size={batch_size}")
   if problems:
     raise ValueError(f"{where}: " + "; ".join(problems))
-  _, params, _ = abstract_model(cfg)
   try:
-    param_shardings(params, mesh)
+    param_shardings(abstract_params, mesh)
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None

@@ -1,8 +1,15 @@
 """The one table where logical axis names meet mesh axes.
 
 Parameters and activations use different logical names, so that no mesh axis appears twice in one spec.
-Mesh axes: data (pure data parallel), fsdp (data parallel + parameter sharding), expert (expert parallel;
-tokens are also split over it outside the MoE), tensor (heads / hidden width).
+Mesh axes: data (pure data parallel: weights replicated, e.g. across slices or nodes joined by a slow network),
+fsdp (data parallel + parameter sharding), expert (expert parallel; tokens are also split over it outside the
+MoE), tensor (heads / hidden width).
+
+Weights are sharded ZeRO-3 style: the model width of every non-expert weight is split over fsdp *and* expert
+(outside the MoE the expert axis is one more data-parallel axis, so replicating weights over it would waste
+memory), and the low-rank dims that feed the per-head up-projections (wq_b, wkv_b) are split likewise. Routed
+experts split E over expert and their width over fsdp ('expert_embed'). Nothing larger than a norm or the
+router bias is replicated on every device.
 
 Parameters carry their logical names as the `axes` metadata of their `nnx.Variable` (see layers.param);
 `param_shardings` turns a State of them into NamedShardings, and refuses (rather than silently replicating)
@@ -25,13 +32,15 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 RULES: dict[str, str | tuple[str, ...] | None] = {
     # parameters
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": ("fsdp", "expert"),
+    "expert_embed": "fsdp",
     "heads": "tensor",
     "mlp": "tensor",
     "expert": "expert",
     "moe_mlp": "tensor",
-    "q_lora": None,
-    "kv_lora": None,
+    "q_lora": None,        # output dim of wq_a (its input D is already split)
+    "kv_lora": None,       # output dim of wkv_a
+    "lora_in": ("fsdp", "expert"),   # input dim of wq_b / wkv_b
     "head_dim": None,
     "norm": None,
     # activations

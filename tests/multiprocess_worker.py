@@ -29,8 +29,8 @@ def loss_and_grads(graphdef, params, bias, tokens_BS):
     logits_BSV, aux = M.apply(graphdef, params, bias, tokens_BS[:, :-2])
     def xent(logits, targets):
       return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
-    loss = xent(logits_BSV, tokens_BS[:, 1:-1]) + 0.3 * xent(aux["mtp_logits"][0], tokens_BS[:, 2:])
-    return loss + aux["aux_loss"], (logits_BSV, aux["mtp_logits"][0], aux["dropped"])
+    loss = xent(logits_BSV, tokens_BS[:, 1:-1]) + 0.3 * xent(aux.mtp_logits[0], tokens_BS[:, 2:])
+    return loss + aux.aux_loss, (logits_BSV, aux.mtp_logits[0], aux.dropped)
 
   (loss, (logits, mtp_logits, dropped)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   out = {"loss": loss, "logits": logits, "mtp_logits": mtp_logits, "dropped": dropped}

@@ -1,8 +1,11 @@
-"""The expert-parallel routed experts against the single-device path (moe.py), on simulated meshes.
+"""The expert-parallel routed experts against the single-device path, on simulated meshes.
 
-References are derived without the shard_map: the dropless path must equal moe.local_routed_experts on all
-tokens; the capacity path drops per source device, so its reference is moe.local_routed_experts applied to
-each device's chunk of tokens, and a hand-made case pins the drop policy itself.
+Both go through moe.routed_experts, the one dispatch: under jax.set_mesh it must take the shard_map (checked
+in the lowered module), without a mesh the per-device math of experts.py on all tokens. The dropless path
+must equal the no-mesh result on all tokens, for every grouped-matmul implementation that runs on CPU
+("xla" = ragged_dot under autodiff, "ref" = the Pallas kernel's custom VJP on ragged_dot); the capacity path
+drops per source device, so its reference is the no-mesh path applied to each device's chunk of tokens, and
+a hand-made case pins the drop policy itself.
 """
 
 import dataclasses
@@ -16,9 +19,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax import moe
+from deepseek_jax import experts
 from deepseek_jax.config import MeshConfig, ModelConfig
-from sharding.expert_parallel import dispatched, routed_experts
+from deepseek_jax.moe import routed_experts
+from sharding.expert_parallel import dispatched
 from sharding.mesh import make_mesh
 
 CFG = ModelConfig(dim=32, moe_inter_dim=16, n_routed_experts=16, n_activated_experts=4, n_expert_groups=1,
@@ -45,8 +49,8 @@ def make_inputs(cfg=CFG, seed=0):
 
 
 def chunked_local(x, idx, w, w1, w3, w2, cfg, n_chunks):
-  """moe.local_routed_experts on each device's tokens, no mesh: what the capacity path must compute."""
-  outs = [moe.local_routed_experts(*chunk, w1, w3, w2, cfg)
+  """The no-mesh path on each device's tokens: what the capacity path must compute."""
+  outs = [routed_experts(*chunk, w1, w3, w2, cfg)
           for chunk in zip(*(jnp.split(a, n_chunks) for a in (x, idx, w)))]
   return jnp.concatenate([y for y, _ in outs]), sum(d for _, d in outs)
 
@@ -59,15 +63,16 @@ def value_and_grads(experts_fn, x, idx, w, w1, w3, w2):
   return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(x, w, w1, w3, w2)
 
 
-CASES = [  # (capacity_factor, (data, fsdp, expert, tensor))
-    (0.0, (8, 1, 1, 1)), (0.0, (1, 1, 8, 1)), (0.0, (1, 2, 2, 2)),
-    (1.0, (2, 1, 4, 1)), (1.0, (2, 2, 2, 1)), (1.0, (1, 2, 2, 2)),
+CASES = [  # (capacity_factor, gmm_impl, (data, fsdp, expert, tensor))
+    (0.0, "xla", (8, 1, 1, 1)), (0.0, "xla", (1, 1, 8, 1)), (0.0, "xla", (1, 2, 2, 2)),
+    (0.0, "ref", (1, 1, 1, 1)), (0.0, "ref", (2, 1, 4, 1)), (0.0, "ref", (1, 2, 2, 2)),
+    (1.0, "xla", (2, 1, 4, 1)), (1.0, "xla", (2, 2, 2, 1)), (1.0, "xla", (1, 2, 2, 2)),
 ]
 
 
-@pytest.mark.parametrize("cf, shape", CASES, ids=[f"cf{c}-{'x'.join(map(str, s))}" for c, s in CASES])
-def test_matches_single_device(cf, shape):
-  cfg = dataclasses.replace(CFG, capacity_factor=cf)
+@pytest.mark.parametrize("cf, impl, shape", CASES, ids=[f"cf{c}-{i}-{'x'.join(map(str, s))}" for c, i, s in CASES])
+def test_matches_single_device(cf, impl, shape):
+  cfg = dataclasses.replace(CFG, capacity_factor=cf, gmm_impl=impl)
   args = make_inputs(cfg)
   n_token_shards = shape[0] * shape[1] * shape[2]
   ref_fn = functools.partial(chunked_local, cfg=cfg, n_chunks=n_token_shards if cf else 1)
@@ -93,7 +98,7 @@ def test_drop_policy_by_hand():
   want = np.zeros(x.shape, np.float32)
   for t in kept:
     e = int(idx[t, 0])
-    want[t] = 0.5 * moe.swiglu(x[t], w1[e], w3[e], w2[e], "d,df->f", "f,fd->d")
+    want[t] = 0.5 * (experts.swiglu(x[t] @ w1[e], x[t] @ w3[e]) @ w2[e])
   with jax.set_mesh(mesh_of(expert=2)):
     y, dropped = jax.jit(functools.partial(routed_experts, cfg=cfg))(x, idx, w, w1, w3, w2)
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
@@ -108,7 +113,7 @@ def test_dispatched_buffer_is_sharded_and_routed(cf):
   x, idx, *_ = make_inputs(cfg)
   mesh = mesh_of(data=2, expert=4)
   with jax.set_mesh(mesh):
-    recv, ids = jax.jit(functools.partial(dispatched, cfg=cfg))(x, idx)
+    recv, ids = jax.jit(functools.partial(dispatched, cfg=cfg, mesh=mesh))(x, idx)
   n_dev, P_, E_l = 8, 4, cfg.n_routed_experts // 4
   assert recv.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp", "expert"), None, None)), 3)
   assert {s.data.shape[0] for s in recv.addressable_shards} == {P_}
@@ -133,9 +138,28 @@ def test_dispatched_buffer_is_sharded_and_routed(cf):
     np.testing.assert_array_equal(counts, want)
 
 
-def test_no_mesh_is_the_local_path():
-  args = make_inputs()
-  chex.assert_trees_all_equal(routed_experts(*args, CFG), moe.local_routed_experts(*args, CFG))
+@pytest.mark.parametrize("cf", [0.0, 1.0])
+def test_the_mesh_decides_the_path(cf):
+  """Under a mesh the routed experts run in the shard_map; without one, the per-device path with no
+  collectives. Counted in the lowered module, forward and backward. (On a 1x1x1x1 mesh JAX elides the
+  all_to_alls of a size-1 axis, but the body's FSDP all_gather and drop-count psum remain.)"""
+  cfg = dataclasses.replace(CFG, capacity_factor=cf)
+  args = make_inputs(cfg)
+  fn = jax.jit(functools.partial(value_and_grads, functools.partial(routed_experts, cfg=cfg)))
+
+  def count(shape):
+    if shape is None:
+      text = fn.lower(*args).as_text()
+    else:
+      with jax.set_mesh(mesh_of(*shape)):
+        text = fn.lower(*args).as_text()
+    return [text.count(f"stablehlo.{op}") for op in ("all_to_all", "all_gather", "all_reduce")]
+
+  assert count(None) == [0, 0, 0]
+  a2a, gather, reduce = count((1, 1, 1, 1))
+  assert a2a == 0 and gather > 0 and reduce > 0
+  # forward: rows (+ ids when dropless) out, rows back; backward: the two row exchanges transposed.
+  assert count((2, 1, 4, 1))[0] == 4 + (cf == 0)
 
 
 @pytest.mark.parametrize("n_experts, n_tokens, message", [

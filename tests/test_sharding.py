@@ -53,10 +53,10 @@ def loss_and_grads(graphdef, params, bias, tokens_BS):
     logits_BSV, aux = M.apply(graphdef, params, bias, inputs_BS)
     def xent(logits, targets):
       return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
-    loss = xent(logits_BSV, tokens_BS[:, 1:-1]) + 0.3 * xent(aux["mtp_logits"][0], tokens_BS[:, 2:])
-    out = {"logits": logits_BSV, "mtp_logits": aux["mtp_logits"], "load": aux["load"],
-           "aux_loss": aux["aux_loss"], "dropped": aux["dropped"]}
-    return loss + aux["aux_loss"], out
+    loss = xent(logits_BSV, tokens_BS[:, 1:-1]) + 0.3 * xent(aux.mtp_logits[0], tokens_BS[:, 2:])
+    out = {"logits": logits_BSV, "mtp_logits": aux.mtp_logits, "load": aux.load,
+           "aux_loss": aux.aux_loss, "dropped": aux.dropped}
+    return loss + aux.aux_loss, out
 
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return loss, out, grads
@@ -108,12 +108,13 @@ def test_make_mesh_rejects_bad_sizes(cfg, message):
 def test_validate_mesh_for_model_rejects(mesh_kw, batch, overrides, message):
   cfg = load_config(TINY, overrides).model
   with pytest.raises(ValueError, match=message):
-    validate_mesh_for_model(mesh_of(**mesh_kw), cfg, batch)
+    validate_mesh_for_model(mesh_of(**mesh_kw), cfg, batch, M.abstract_model(cfg)[1])
 
 
 def test_validate_mesh_for_model_accepts():
-  validate_mesh_for_model(mesh_of(data=1, fsdp=2, expert=2, tensor=2), model_cfg("tiny"), B)
-  validate_mesh_for_model(mesh_of(expert=8), model_cfg("many"), B)
+  for shape, name in (((1, 2, 2, 2), "tiny"), ((1, 1, 8, 1), "many")):
+    cfg = model_cfg(name)
+    validate_mesh_for_model(mesh_of(*shape), cfg, B, M.abstract_model(cfg)[1])
 
 
 # Parameter shardings -------------------------------------------------------------------------------------
@@ -133,29 +134,42 @@ def test_params_are_sharded_as_the_rules_say():
   assert w1.sharding.spec == P("expert", "fsdp", "tensor")
   assert {s.data.shape for s in w1.addressable_shards} == {(E // 2, D // 2, F // 2)}
   assert {s.data.shape for s in w2.addressable_shards} == {(E // 2, F // 2, D // 2)}
-  embed = placed["embed"].get_value()
-  assert embed.sharding.spec == P("tensor", "fsdp")
-  assert {s.data.shape for s in embed.addressable_shards} == {(256 // 2, D // 2)}
+  embed = placed["embed"].get_value()     # ZeRO-3: the width of non-expert weights over fsdp and expert
+  assert embed.sharding.spec == P("tensor", ("fsdp", "expert"))
+  assert {s.data.shape for s in embed.addressable_shards} == {(256 // 2, D // 4)}
   wq_b = placed["layers"][0]["attn"]["wq_b"].get_value()   # (q_lora, heads, head_dim)
-  assert {s.data.shape for s in wq_b.addressable_shards} == {(64, 2, 48)}
+  assert {s.data.shape for s in wq_b.addressable_shards} == {(64 // 4, 2, 48)}
   assert placed["norm"]["weight"].get_value().sharding.is_fully_replicated
   assert shard_state(bias, mesh)["layers"][1]["ffn"]["bias"].get_value().sharding.is_fully_replicated
 
 
+def test_nothing_big_is_replicated():
+  """On 8 devices without tensor parallelism every weight of 2+ dims is split 8 ways: non-expert weights
+  over fsdp x expert (ZeRO-3), the q/kv LoRA inputs of wq_b/wkv_b too, experts over expert x fsdp."""
+  mesh = mesh_of(data=1, fsdp=2, expert=4, tensor=1)
+  _, params, _ = M.abstract_model(model_cfg("tiny"))
+  shardings = param_shardings(params, mesh)
+  for path, var in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+    sh = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    shard = dict(sh[0])[path].get_value().shard_shape(var.shape)
+    if len(var.shape) >= 2:
+      assert np.prod(shard) * 8 == np.prod(var.shape), (jax.tree_util.keystr(path), var.shape, shard)
+
+
 def test_param_shardings_rejects_indivisible_dims():
   state = nnx.State({"w": nnx.Param(jnp.zeros((6, 4)), axes=("embed", None))})
-  with pytest.raises(ValueError, match=r"dim 0 \(embed\) of size 6 is not divisible by mesh axes \('fsdp',\)"):
+  with pytest.raises(ValueError, match=r"dim 0 \(embed\) of size 6 is not divisible by mesh axes \('fsdp', 'expert'\) of total size 4"):
     param_shardings(state, mesh_of(fsdp=4))
 
 
 def test_param_shardings_of_abstract_and_optimizer_states():
   mesh = mesh_of(fsdp=2)
   state = nnx.State({"w": nnx.Param(jnp.zeros((6, 4)), axes=("embed", None))})
-  assert param_shardings(jax.eval_shape(lambda: state), mesh)["w"].get_value().spec == P("fsdp", None)
+  assert param_shardings(jax.eval_shape(lambda: state), mesh)["w"].get_value().spec == P(("fsdp", "expert"), None)
   # optax keeps the Param wrappers (and their axes) in its moments; its step count is a bare array.
   opt_state = optax.adamw(1e-3).init(state)
   placed = shard_state(opt_state, mesh)
-  assert placed[0].mu["w"].get_value().sharding.spec == P("fsdp", None)
+  assert placed[0].mu["w"].get_value().sharding.spec == P(("fsdp", "expert"), None)
   assert placed[0].count.sharding.is_fully_replicated
 
 
@@ -174,7 +188,7 @@ CASES = [(name, shape) for name, shapes in MESHES.items() for shape in shapes]
 def test_sharded_model_matches_single_device(name, shape):
   graphdef, params, bias, tokens, ref = setup(name)
   mesh = mesh_of(*shape)
-  validate_mesh_for_model(mesh, model_cfg(name), B)
+  validate_mesh_for_model(mesh, model_cfg(name), B, M.abstract_model(model_cfg(name))[1])
   with jax.set_mesh(mesh):
     placed_params, placed_bias = shard_state(params, mesh), shard_state(bias, mesh)
     tokens = jax.device_put(tokens, NamedSharding(mesh, mesh_spec(("batch", None), mesh)))
@@ -188,4 +202,5 @@ def test_sharded_model_matches_single_device(name, shape):
   # Gradients come back sharded like the parameters they belong to (or at least placed on the mesh).
   w1_grad = got[2]["layers"][1]["ffn"]["w1"].get_value()
   assert w1_grad.sharding.mesh.shape == mesh.shape
-  np.testing.assert_array_equal(np.asarray(got[1]["load"]).sum(-1), B * S * model_cfg(name).n_activated_experts)
+  for load_E in jax.tree.leaves(got[1]["load"]):
+    np.testing.assert_array_equal(np.asarray(load_E).sum(), B * S * model_cfg(name).n_activated_experts)
