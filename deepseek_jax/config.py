@@ -66,7 +66,7 @@ class ModelConfig:
   # --- implementation ---
   moe_impl: str = "grouped"       # "grouped" (sort + grouped matmul) or "dense" (every expert on every token)
   capacity_factor: float = 0.0    # 0 = dropless; >0 = per-expert capacity ceil(cf * tokens * k / E)
-  attn_impl: str = "xla"          # "xla" or "cudnn" (GPU only)
+  attn_impl: str = "xla"          # "xla", "cudnn" / "cudnn_padded" (GPU), "splash" (TPU), "splash_interpret" (tests)
   remat: str = "none"             # "none", "full", "save_dots" (see model.REMAT_POLICIES)
 
   def __post_init__(self):
@@ -74,7 +74,8 @@ class ModelConfig:
     _check_choice("model.score_func", self.score_func, ("sigmoid", "softmax"))
     _check_choice("model.dtype", self.dtype, ("bfloat16", "float32"))
     _check_choice("model.moe_impl", self.moe_impl, ("grouped", "dense"))
-    _check_choice("model.attn_impl", self.attn_impl, ("xla", "cudnn"))
+    _check_choice("model.attn_impl", self.attn_impl,
+                  ("xla", "cudnn", "cudnn_padded", "splash", "splash_interpret"))
     _check_choice("model.remat", self.remat, ("none", "full", "save_dots"))
     for name in ("vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "v_head_dim", "max_seq_len"):
       _check_positive(f"model.{name}", getattr(self, name))

@@ -1,0 +1,1 @@
+"""Accelerator kernels, each behind a plain function with an XLA reference."""
