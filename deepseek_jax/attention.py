@@ -6,14 +6,17 @@ cheaper form when every query attends to many keys (spec section 10).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax import rope
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kernels.tpu_attention import splash_attention
 from deepseek_jax.layers import RMSNorm, param
-from sharding.rules import constrain
+from sharding.rules import axis_size, constrain, current_mesh, mesh_spec
 
 _MASK_VALUE = -1e30  # finite, so fully masked rows (padding) give uniform weights instead of NaN
 
@@ -27,37 +30,90 @@ def attention_mask(segment_ids_BS: jnp.ndarray | None, seq_len: int) -> jnp.ndar
   return (causal_ST[None] & same_BST)[:, None]
 
 
-def dot_product_attention(q_BSHK, k_BTHK, v_BTHO, mask_B1ST, scale: float, impl: str = "xla"):
-  """softmax(q k^T * scale + mask) v, softmax in float32. Returns [B, S, H, O]."""
-  if impl == "cudnn":
-    return _cudnn_attention(q_BSHK, k_BTHK, v_BTHO, mask_B1ST, scale)
+def dot_product_attention(q_BSHK, k_BTHK, v_BTHO, segment_ids_BS, scale: float, impl: str = "xla"):
+  """Causal softmax(q k^T * scale) v within each packed segment (one segment when `segment_ids_BS` is None),
+  softmax in float32. Returns [B, S, H, O]. `impl` is ModelConfig.attn_impl:
+
+  - "xla": the reference; materializes the [B, H, S, T] logits.
+  - "cudnn": cuDNN flash attention (GPU) through jax's private wrapper, which takes V unpadded when
+    O != K (MLA; cuDNN >= 9.10, Hopper+). Where cuDNN refuses the shapes, a one-line error names the next option.
+  - "cudnn_padded": the public `jax.nn.dot_product_attention(implementation="cudnn")`, V zero-padded to K.
+  - "splash": the Pallas TPU splash-attention kernel (kernels/tpu_attention.py); "splash_interpret" runs the
+    same kernel in Pallas interpret mode on any backend (slow; for tests).
+  A choice that cannot run here raises; none falls back to another.
+  """
+  if impl == "xla":
+    return _xla_attention(q_BSHK, k_BTHK, v_BTHO, attention_mask(segment_ids_BS, q_BSHK.shape[1]), scale)
+  if impl in ("cudnn", "cudnn_padded"):
+    return _cudnn_attention(q_BSHK, k_BTHK, v_BTHO, segment_ids_BS, scale, impl)
+  if impl in ("splash", "splash_interpret"):
+    return _splash_attention(q_BSHK, k_BTHK, v_BTHO, segment_ids_BS, scale, impl)
+  raise ValueError(f"unknown attention implementation {impl!r}: choose xla, cudnn, cudnn_padded, splash or "
+                   f"splash_interpret")
+
+
+def _xla_attention(q_BSHK, k_BTHK, v_BTHO, mask_B1ST, scale):
   logits_BHST = jnp.einsum("bshk,bthk->bhst", q_BSHK, k_BTHK, preferred_element_type=jnp.float32) * scale
   logits_BHST = jnp.where(mask_B1ST, logits_BHST, _MASK_VALUE)
   probs_BHST = jax.nn.softmax(logits_BHST, axis=-1).astype(v_BTHO.dtype)
   return jnp.einsum("bhst,bthd->bshd", probs_BHST, v_BTHO)
 
 
-def _cudnn_attention(q_BSHK, k_BTHK, v_BTHO, mask_B1ST, scale):
-  """cuDNN flash attention (GPU). The public API needs v_dim == qk_dim: zero-padding V is exact.
-
-  For plain causal masks with v_dim != qk_dim (MLA), jax's private cuDNN wrapper takes V unpadded (cuDNN >= 9.10,
-  Hopper+; ~20% faster fwd+bwd than padding on H100). It is a private API: any trace-time refusal falls back
-  to the padded public path; DEEPSEEK_JAX_CUDNN_MLA=0 forces the fallback.
-  """
-  import os
+def _cudnn_attention(q_BSHK, k_BTHK, v_BTHO, segment_ids_BS, scale, impl):
+  """cuDNN flash attention. Packed batches pass their [B, 1, S, T] mask, which cuDNN takes as a bias."""
+  _require_backend(impl, "gpu")
+  mask_B1ST = None if segment_ids_BS is None else attention_mask(segment_ids_BS, q_BSHK.shape[1])
   o_dim, k_dim = v_BTHO.shape[-1], q_BSHK.shape[-1]
-  mask = None if mask_B1ST.shape[0] == 1 else mask_B1ST  # plain causal -> is_causal, no dense mask
-  if mask is None and k_dim != o_dim and os.environ.get("DEEPSEEK_JAX_CUDNN_MLA", "1") != "0":
-    try:
-      from jax._src.cudnn import fused_attention_stablehlo as _fa
-      return _fa.dot_product_attention(q_BSHK, k_BTHK, v_BTHO, scale=scale, mask_type=_fa.MaskType.CAUSAL,
-                                       qkv_layout="BTNH")
-    except (ImportError, AttributeError, ValueError, NotImplementedError, TypeError, RuntimeError):
-      pass
-  v_pad = jnp.pad(v_BTHO, ((0, 0), (0, 0), (0, 0), (0, k_dim - o_dim))) if k_dim > o_dim else v_BTHO
-  out = jax.nn.dot_product_attention(q_BSHK, k_BTHK, v_pad, mask=mask, scale=scale, is_causal=True,
-                                     implementation="cudnn")
-  return out[..., :o_dim]
+  try:
+    if impl == "cudnn":
+      from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # private: takes V unpadded
+      return cudnn_fa.dot_product_attention(q_BSHK, k_BTHK, v_BTHO, mask=mask_B1ST, scale=scale,
+                                            mask_type=cudnn_fa.MaskType.CAUSAL, qkv_layout="BTNH")
+    v_pad = jnp.pad(v_BTHO, ((0, 0), (0, 0), (0, 0), (0, k_dim - o_dim))) if k_dim > o_dim else v_BTHO
+    out = jax.nn.dot_product_attention(q_BSHK, k_BTHK, v_pad, mask=mask_B1ST, scale=scale, is_causal=True,
+                                       implementation="cudnn")
+    return out[..., :o_dim]
+  except (ImportError, AttributeError, ValueError, NotImplementedError, TypeError, RuntimeError) as e:
+    other = "cudnn_padded" if impl == "cudnn" else "xla"
+    raise ValueError(f"model.attn_impl={impl!r} cannot run q {q_BSHK.shape} {q_BSHK.dtype}, v {v_BTHO.shape}: "
+                     f"{_first_line(e)}; use attn_impl={other!r}") from None
+
+
+def _splash_attention(q_BSHK, k_BSHK, v_BSHO, segment_ids_BS, scale, impl):
+  """The splash kernel on each device's shard: one shard_map over batch and heads under a mesh (a Pallas
+  call is opaque to the compiler's partitioner, which would otherwise gather whole arrays around it)."""
+  interpret = impl == "splash_interpret"
+  if not interpret:
+    _require_backend(impl, "tpu", also="or 'splash_interpret' to run the kernel interpreted (slow, for tests)")
+  kernel = functools.partial(splash_attention, scale=scale, interpret=interpret)
+  mesh = current_mesh()
+  if mesh is None:
+    return kernel(q_BSHK, k_BSHK, v_BSHO, segment_ids_BS)
+  qkv_spec = mesh_spec(("batch", "seq", "act_heads", None), mesh)
+  B, _, H, _ = q_BSHK.shape
+  n_batch, n_heads = axis_size(mesh, qkv_spec[0]), axis_size(mesh, qkv_spec[2])
+  if B % n_batch or H % n_heads:
+    raise ValueError(f"model.attn_impl={impl!r} shards batch {B} over {qkv_spec[0]} ({n_batch}) and heads {H} "
+                     f"over {qkv_spec[2]} ({n_heads}): both must divide")
+  if segment_ids_BS is None:   # shard_map maps arrays only
+    body, args, in_specs = (lambda q, k, v: kernel(q, k, v, None)), (q_BSHK, k_BSHK, v_BSHO), (qkv_spec,) * 3
+  else:
+    body, args = kernel, (q_BSHK, k_BSHK, v_BSHO, segment_ids_BS)
+    in_specs = (qkv_spec,) * 3 + (mesh_spec(("batch", "seq"), mesh),)
+  # check_vma=False: the kernel's outputs carry no varying-axes type, and the body has no collective to check.
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=qkv_spec, check_vma=False)(*args)
+
+
+def _require_backend(impl: str, platform: str, also: str = "") -> None:
+  backend = jax.default_backend()
+  if backend != platform:
+    raise ValueError(f"model.attn_impl={impl!r} needs a {platform.upper()} backend, but JAX runs on {backend}: "
+                     f"use attn_impl='xla'{', ' + also if also else ''}")
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 class MLA(nnx.Module):
@@ -80,7 +136,7 @@ class MLA(nnx.Module):
                        ("lora_in", "heads", "head_dim"), std)
     self.wo = param(rngs, (H, cfg.v_head_dim, D), ("heads", "head_dim", "embed"), std)
 
-  def __call__(self, x_BSD, cos_sin, mask_B1ST):
+  def __call__(self, x_BSD, cos_sin, segment_ids_BS):
     cfg, dt = self.cfg, x_BSD.dtype
     K = cfg.qk_nope_head_dim
     if cfg.q_lora_rank:
@@ -101,7 +157,7 @@ class MLA(nnx.Module):
     k_pe_BS1R = rope.apply_interleaved(k_pe_BSR[:, :, None, :], *cos_sin)
     q_BSHK = jnp.concatenate([q_nope_BSHK, q_pe_BSHR], axis=-1)
     k_BSHK = jnp.concatenate([k_nope_BSHK, jnp.broadcast_to(k_pe_BS1R, q_pe_BSHR.shape)], axis=-1)
-    o_BSHO = dot_product_attention(q_BSHK, k_BSHK, v_BSHO, mask_B1ST, cfg.softmax_scale, cfg.attn_impl)
+    o_BSHO = dot_product_attention(q_BSHK, k_BSHK, v_BSHO, segment_ids_BS, cfg.softmax_scale, cfg.attn_impl)
     return jnp.einsum("bsho,hod->bsd", o_BSHO, self.wo[...].astype(dt))
 
 
@@ -116,12 +172,12 @@ class MHA(nnx.Module):
     self.wv = param(rngs, (D, H, hd), ("embed", "heads", "head_dim"), std)
     self.wo = param(rngs, (H, hd, D), ("heads", "head_dim", "embed"), std)
 
-  def __call__(self, x_BSD, cos_sin, mask_B1ST):
+  def __call__(self, x_BSD, cos_sin, segment_ids_BS):
     dt = x_BSD.dtype
     q_BSHK, k_BSHK, v_BSHO = (jnp.einsum("bsd,dhk->bshk", x_BSD, w[...].astype(dt))
                               for w in (self.wq, self.wk, self.wv))
     q_BSHK = rope.apply_rotate_half(q_BSHK, *cos_sin)
     k_BSHK = rope.apply_rotate_half(k_BSHK, *cos_sin)
-    o_BSHO = dot_product_attention(q_BSHK, k_BSHK, v_BSHO, mask_B1ST, self.cfg.softmax_scale,
+    o_BSHO = dot_product_attention(q_BSHK, k_BSHK, v_BSHO, segment_ids_BS, self.cfg.softmax_scale,
                                    self.cfg.attn_impl)
     return jnp.einsum("bsho,hod->bsd", o_BSHO, self.wo[...].astype(dt))

@@ -81,7 +81,7 @@ class ModelConfig:
   capacity_factor: float = 0.0    # 0 = dropless; >0 = per-expert capacity ceil(cf * tokens * k / E)
   gmm_impl: str = "auto"          # dropless grouped matmul: "auto" (mgpu on Hopper, else xla), "xla", "mgpu", "ref"
   gmm_tiles: GmmTiles = dataclasses.field(default_factory=GmmTiles)
-  attn_impl: str = "xla"          # "xla" or "cudnn" (GPU only)
+  attn_impl: str = "xla"          # "xla", "cudnn" / "cudnn_padded" (GPU), "splash" (TPU), "splash_interpret" (tests)
   remat: str = "none"             # "none", "full", "save_dots" (see model.REMAT_POLICIES)
 
   def __post_init__(self):
@@ -90,7 +90,8 @@ class ModelConfig:
     _check_choice("model.dtype", self.dtype, ("bfloat16", "float32"))
     _check_choice("model.moe_impl", self.moe_impl, ("grouped", "dense"))
     _check_choice("model.gmm_impl", self.gmm_impl, ("auto", "xla", "mgpu", "ref"))
-    _check_choice("model.attn_impl", self.attn_impl, ("xla", "cudnn"))
+    _check_choice("model.attn_impl", self.attn_impl,
+                  ("xla", "cudnn", "cudnn_padded", "splash", "splash_interpret"))
     _check_choice("model.remat", self.remat, ("none", "full", "save_dots"))
     for name in ("vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "v_head_dim", "max_seq_len"):
       _check_positive(f"model.{name}", getattr(self, name))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax import rope
-from deepseek_jax.attention import MHA, MLA, attention_mask
+from deepseek_jax.attention import MHA, MLA
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import MLP, RMSNorm, RouterBias, dtype_of, param
 from deepseek_jax.moe import MoE
@@ -49,8 +49,8 @@ class Block(nnx.Module):
     self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.inter_dim, rngs=rngs)
     self.is_moe = moe
 
-  def __call__(self, h_BSD, cos_sin, mask_B1ST, token_mask_BS):
-    h_BSD = h_BSD + self.attn(self.attn_norm(h_BSD), cos_sin, mask_B1ST)
+  def __call__(self, h_BSD, cos_sin, segment_ids_BS, token_mask_BS):
+    h_BSD = h_BSD + self.attn(self.attn_norm(h_BSD), cos_sin, segment_ids_BS)
     h_BSD = constrain(h_BSD, ("batch", "seq", "act_embed"))
     if self.is_moe:
       y_BSD, stats = self.ffn(self.ffn_norm(h_BSD), token_mask_BS)
@@ -93,11 +93,11 @@ class Transformer(nnx.Module):
                         preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "seq", "act_vocab"))
 
-  def _run_block(self, block: Block, h_BSD, cos_sin, mask, token_mask):
+  def _run_block(self, block: Block, h_BSD, cos_sin, segment_ids, token_mask):
     if self.cfg.remat == "none":
-      return block(h_BSD, cos_sin, mask, token_mask)
-    fn = jax.checkpoint(lambda blk, h, cs, m, tm: blk(h, cs, m, tm), policy=REMAT_POLICIES[self.cfg.remat])
-    return fn(block, h_BSD, cos_sin, mask, token_mask)
+      return block(h_BSD, cos_sin, segment_ids, token_mask)
+    fn = jax.checkpoint(lambda blk, h, cs, sg, tm: blk(h, cs, sg, tm), policy=REMAT_POLICIES[self.cfg.remat])
+    return fn(block, h_BSD, cos_sin, segment_ids, token_mask)
 
   def __call__(self, tokens_BS, positions_BS=None, segment_ids_BS=None, *, mtp: bool = True):
     """Returns (logits_BSV float32, Aux). The last k positions of MTP depth k's logits are junk."""
@@ -107,12 +107,11 @@ class Transformer(nnx.Module):
       positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     token_mask_BS = jnp.ones((B, S), bool) if segment_ids_BS is None else segment_ids_BS > 0
     cos_sin = rope.cos_sin(cfg, positions_BS)
-    mask_B1ST = attention_mask(segment_ids_BS, S)
 
     h_BSD = constrain(self._embed(tokens_BS), ("batch", "seq", "act_embed"))
     stats, load = [], {}     # load mirrors the router-bias tree: layers.i.ffn.bias, mtp.j.block.ffn.bias
     for i, block in enumerate(self.layers):
-      h_BSD, st = self._run_block(block, h_BSD, cos_sin, mask_B1ST, token_mask_BS)
+      h_BSD, st = self._run_block(block, h_BSD, cos_sin, segment_ids_BS, token_mask_BS)
       if st is not None:
         stats.append(st)
         load.setdefault("layers", {})[i] = {"ffn": {"bias": st["load"]}}
@@ -128,7 +127,7 @@ class Transformer(nnx.Module):
         emb_BSD = self._embed(jnp.roll(tokens_BS, -k, axis=1))
         x_BSD = jnp.concatenate([module.enorm(emb_BSD), module.hnorm(h_BSD)], axis=-1)
         h_BSD = x_BSD @ module.eh_proj[...].astype(x_BSD.dtype)
-        h_BSD, st = self._run_block(module.block, h_BSD, cos_sin, mask_B1ST, token_mask_BS)
+        h_BSD, st = self._run_block(module.block, h_BSD, cos_sin, segment_ids_BS, token_mask_BS)
         if st is not None:
           stats.append(st)
           load.setdefault("mtp", {})[j] = {"block": {"ffn": {"bias": st["load"]}}}
