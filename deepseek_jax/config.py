@@ -95,6 +95,9 @@ class ModelConfig:
     _check_choice("model.remat", self.remat, ("none", "full", "save_dots"))
     for name in ("vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "v_head_dim", "max_seq_len"):
       _check_positive(f"model.{name}", getattr(self, name))
+    if self.moe_layer_freq != 1:
+      raise ConfigError(f"model.moe_layer_freq={self.moe_layer_freq}: layers are scanned as a dense prefix and an "
+                        f"MoE stack, so it must be 1 (as in every DeepSeek release)")
     if not 0 <= self.n_dense_layers <= self.n_layers:
       raise ConfigError(f"model.n_dense_layers={self.n_dense_layers} must be in [0, n_layers={self.n_layers}]")
     if self.n_moe_layers:

@@ -8,6 +8,11 @@ Einsum letter glossary (also used as name suffixes, e.g. `x_BSD`):
 
 Parameters live in `nnx.Param`s (float32), the router bias in `RouterBias` variables. Call `split_model`
 once, then use the pure function `apply(graphdef, params, bias, batch)` under jit/grad/vmap.
+
+The decoder stack is scanned: the dense prefix and the MoE layers are two `Block`s whose variables carry a
+leading layer axis (logical name 'layers'), run by `jax.lax.scan`, so compile time does not grow with depth.
+The MTP modules stay apart. `to_pure_dict` / `from_pure_dict` speak the per-layer layout ('layers': {i: ...})
+used by conversion and export; `Transformer.blocks()` yields per-layer views (for generation).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from deepseek_jax import rope
@@ -73,11 +79,26 @@ class MTPModule(nnx.Module):
     self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)   # shared_head.norm
 
 
+def _stack(blocks: list[Block]) -> Block | None:
+  """One Block whose variables are the given blocks' variables stacked on a new leading 'layers' axis."""
+  if not blocks:
+    return None
+  stacked = jax.tree.map(lambda *vs: jnp.stack(vs), *(nnx.state(b) for b in blocks))
+  for var in jax.tree.leaves(stacked, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    var.set_metadata(axes=("layers", *var.get_metadata()["axes"]))
+  return nnx.merge(nnx.graphdef(blocks[0]), stacked)
+
+
+STACKS = ("dense_layers", "moe_layers")   # the scanned stacks, in layer order
+
+
 class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg.init_std)
-    self.layers = nnx.List([Block(cfg, cfg.is_moe_layer(i), rngs=rngs) for i in range(cfg.n_layers)])
+    layers = [Block(cfg, cfg.is_moe_layer(i), rngs=rngs) for i in range(cfg.n_layers)]
+    self.dense_layers = _stack([b for b in layers if not b.is_moe])
+    self.moe_layers = _stack([b for b in layers if b.is_moe])
     self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
     self.head = param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
     self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.n_mtp_layers)])
@@ -99,6 +120,26 @@ class Transformer(nnx.Module):
     fn = jax.checkpoint(lambda blk, h, cs, sg, tm: blk(h, cs, sg, tm), policy=REMAT_POLICIES[self.cfg.remat])
     return fn(block, h_BSD, cos_sin, segment_ids, token_mask)
 
+  def _scan_stack(self, stack: Block, h_BSD, cos_sin, segment_ids, token_mask):
+    """h through every layer of a stacked Block; returns (h, per-layer stats stacked, or None)."""
+    graphdef, state = nnx.split(stack)
+
+    def body(h, state_l):
+      h, st = self._run_block(nnx.merge(graphdef, state_l), h, cos_sin, segment_ids, token_mask)
+      return h, st if st is not None else {}
+
+    h_BSD, stats = jax.lax.scan(body, h_BSD, state)
+    return h_BSD, stats or None
+
+  def blocks(self):
+    """Per-layer Block views in layer order (slices of the stacks)."""
+    for stack in (getattr(self, name) for name in STACKS):
+      if stack is None:
+        continue
+      graphdef, state = nnx.split(stack)
+      for i in range(jax.tree.leaves(state)[0].shape[0]):
+        yield nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
+
   def __call__(self, tokens_BS, positions_BS=None, segment_ids_BS=None, *, mtp: bool = True):
     """Returns (logits_BSV float32, Aux). The last k positions of MTP depth k's logits are junk."""
     cfg = self.cfg
@@ -109,12 +150,13 @@ class Transformer(nnx.Module):
     cos_sin = rope.cos_sin(cfg, positions_BS)
 
     h_BSD = constrain(self._embed(tokens_BS), ("batch", "seq", "act_embed"))
-    stats, load = [], {}     # load mirrors the router-bias tree: layers.i.ffn.bias, mtp.j.block.ffn.bias
-    for i, block in enumerate(self.layers):
-      h_BSD, st = self._run_block(block, h_BSD, cos_sin, segment_ids_BS, token_mask_BS)
-      if st is not None:
-        stats.append(st)
-        load.setdefault("layers", {})[i] = {"ffn": {"bias": st["load"]}}
+    stats, load = [], {}     # load mirrors the router-bias tree: moe_layers.ffn.bias [L, E], mtp.j.block.ffn.bias
+    for name in STACKS:
+      if getattr(self, name) is not None:
+        h_BSD, st = self._scan_stack(getattr(self, name), h_BSD, cos_sin, segment_ids_BS, token_mask_BS)
+        if st is not None:
+          stats.append(jax.tree.map(lambda x: x.sum(0), {k: v for k, v in st.items() if k != "load"}))
+          load[name] = {"ffn": {"bias": st["load"]}}
     h_BSD = self.norm(h_BSD)
     logits_BSV = self._logits(h_BSD)
 
@@ -172,15 +214,48 @@ def count_params(params) -> int:
 
 
 def to_pure_dict(model_or_state) -> dict:
-  """Nested dict of arrays (params and router biases together), e.g. for conversion and export."""
+  """Nested dict of arrays (params and router biases together) in the per-layer layout ('layers': {i: ...}),
+  e.g. for conversion and export."""
   state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
-  return nnx.to_pure_dict(state)
+  return unstack_layers(nnx.to_pure_dict(state))
 
 
 def from_pure_dict(cfg: ModelConfig, tree: dict) -> Transformer:
-  """Builds a model whose variables are the arrays of `tree` (structure must match `to_pure_dict`)."""
+  """Builds a model whose variables are the arrays of `tree` (the per-layer layout of `to_pure_dict`)."""
   model = nnx.eval_shape(lambda: init_model(cfg))
   state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, tree)
+  nnx.replace_by_pure_dict(state, stack_layers(cfg, tree))
   nnx.update(model, state)
   return model
+
+
+def _layer(x, i: int):
+  return jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x[i]
+
+
+def _stack_leaves(*xs):
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in xs):
+    return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
+  return (np.stack if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack)(xs)
+
+
+def unstack_layers(tree: dict) -> dict:
+  """Scanned layout (dense_layers / moe_layers with a leading layer axis) -> 'layers': {i: block tree}."""
+  tree, layers = dict(tree), {}
+  for name in STACKS:
+    stack = tree.pop(name, None)
+    if stack:
+      n = jax.tree.leaves(stack)[0].shape[0]
+      layers.update({len(layers) + i: jax.tree.map(lambda x, i=i: _layer(x, i), stack) for i in range(n)})
+  return {**tree, "layers": layers}
+
+
+def stack_layers(cfg: ModelConfig, tree: dict) -> dict:
+  """'layers': {i: block tree} -> the scanned layout (numpy stays numpy: nothing moves to a device)."""
+  tree = dict(tree)
+  layers = tree.pop("layers")
+  for name, pick in zip(STACKS, (lambda i: not cfg.is_moe_layer(i), cfg.is_moe_layer)):
+    idx = [i for i in range(cfg.n_layers) if pick(i)]
+    if idx:
+      tree[name] = jax.tree.map(_stack_leaves, *(layers[i] for i in idx))
+  return tree

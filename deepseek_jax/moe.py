@@ -94,8 +94,9 @@ def seq_aux_loss(scores_BSE, counts_BE, mask_BS, cfg: ModelConfig):
 
 
 def update_router_bias(bias_E, load_E, gamma: float):
-  """Aux-loss-free balancing: b_i += gamma * sign(mean load - load_i) (overloaded experts go down)."""
-  return bias_E + gamma * jnp.sign(jnp.mean(load_E) - load_E)
+  """Aux-loss-free balancing: b_i += gamma * sign(mean load - load_i) (overloaded experts go down).
+  Works on one layer [E] or a stack of layers [L, E]."""
+  return bias_E + gamma * jnp.sign(jnp.mean(load_E, axis=-1, keepdims=True) - load_E)
 
 
 class MoE(nnx.Module):

@@ -76,7 +76,7 @@ def load_metrics(load) -> dict:
   leaves = jax.tree.leaves(load)
   if not leaves:
     return {}
-  load_LE = jnp.stack(leaves)
+  load_LE = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in leaves])
   rel_LE = load_LE / jnp.maximum(load_LE.mean(-1, keepdims=True), 1e-9)
   return {"load_max": rel_LE.max(-1), "load_min": rel_LE.min(-1)}
 

@@ -43,6 +43,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "lora_in": ("fsdp", "expert"),   # input dim of wq_b / wkv_b
     "head_dim": None,
     "norm": None,
+    "layers": None,        # the leading axis of scanned layer stacks
     # activations
     "batch": ("data", "fsdp", "expert"),
     "seq": None,

@@ -224,7 +224,6 @@ def test_config_round_trip(name):
     (dict(attn_type="mha", qk_nope_head_dim=0, v_head_dim=16), "attn_type='mha'"),
     (dict(router_bias=False), "matches neither"),
     (dict(score_func="softmax", router_bias=False, norm_topk_prob=True), "matches neither"),
-    (dict(moe_layer_freq=2), "moe_layer_freq=2"),
 ])
 def test_unexportable_configs(changes, match):
   with pytest.raises(ConversionError, match=match):

@@ -196,6 +196,7 @@ def test_remat_matches(cfg, parts):
     ({"score_func": "relu"}, "model.score_func"),
     ({"n_dense_layers": 9}, "n_dense_layers"),
     ({"qk_rope_head_dim": 7}, "qk_rope_head_dim"),
+    ({"moe_layer_freq": 2}, "moe_layer_freq=2: layers are scanned"),
 ])
 def test_inconsistent_model_config_fails(cfg, override, message):
   with pytest.raises(ConfigError, match=message):
@@ -239,3 +240,21 @@ def test_fast_grouped_path_matches_ragged_dot(cfg):
   val, grads = jax.value_and_grad(functools.partial(loss, fast), argnums=(0, 1, 2, 3, 4))(x, r.w_Tk, *ws)
   np.testing.assert_allclose(float(val), float(ref_val), rtol=1e-5)
   chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=5e-5)   # float32 sums in another order; grads are O(1)
+
+
+def test_layers_are_scanned(cfg, parts):
+  """The decoder stack is two scans (dense prefix, MoE layers) over stacked parameters: the lowered forward has
+  one while loop per stack, whatever the depth, and the per-layer layout round-trips through the stacks."""
+  graphdef, params, bias = parts
+  assert params["moe_layers"]["ffn"]["w1"].shape[0] == cfg.n_layers - cfg.n_dense_layers
+  assert params["dense_layers"]["attn_norm"]["weight"].shape == (cfg.n_dense_layers, cfg.dim)
+  deep = dataclasses.replace(cfg, n_layers=8)
+  gd8, p8, b8 = M.split_model(M.init_model(deep))
+  text = jax.jit(lambda p, b, t: M.apply(gd8, p, b, t, mtp=False)[0]).lower(p8, b8, _tokens()).as_text()
+  assert text.count("stablehlo.while") == 2
+  tree = M.to_pure_dict(M.init_model(cfg))
+  assert sorted(tree["layers"]) == list(range(cfg.n_layers))
+  back = M.to_pure_dict(M.from_pure_dict(cfg, tree))
+  chex.assert_trees_all_equal(back, tree)
+  views = list(M.init_model(cfg).blocks())
+  assert len(views) == cfg.n_layers and [b.is_moe for b in views] == [cfg.is_moe_layer(i) for i in range(cfg.n_layers)]

@@ -117,8 +117,8 @@ def test_resume_onto_a_different_mesh(tmp_path):
   la, lb = _losses(hist_a), _losses(hist_b)
   for step in (3, 4):
     np.testing.assert_allclose(lb[step], la[step], rtol=1e-5, atol=1e-5)
-  w1 = state.params["layers"][1]["ffn"]["w1"]
-  assert w1.sharding.spec[0] == "expert" and len(w1.sharding.device_set) == 8
+  w1 = state.params["moe_layers"]["ffn"]["w1"]
+  assert w1.sharding.spec[1] == "expert" and len(w1.sharding.device_set) == 8
 
 
 def test_metrics_jsonl_has_the_documented_keys(tmp_path):
@@ -169,7 +169,7 @@ def test_init_from_hf_checkpoint(tmp_path):
                       jax.devices()[:1])
   state = run.init_state()
   np.testing.assert_array_equal(np.asarray(state.params["embed"]), src["embed"])
-  np.testing.assert_array_equal(np.asarray(state.bias["layers"][1]["ffn"]["bias"]), src["layers"][1]["ffn"]["bias"])
+  np.testing.assert_array_equal(np.asarray(state.bias["moe_layers"]["ffn"]["bias"][0]), src["layers"][1]["ffn"]["bias"])
   with pytest.raises(Exception, match="architecture differs"):
     Run(_cfg("model.n_mtp_layers=0", "model.route_scale=2.0", f"train.init_from={tmp_path / 'hf'}"),
                   jax.devices()[:1]).init_state()
