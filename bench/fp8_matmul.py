@@ -1,0 +1,255 @@
+"""FP8 Linear GEMMs (deepseek_jax/fp8.py) against bf16, forward + backward, on DeepSeek shapes (issue #12).
+
+For each shape (M tokens, K in, N out) and implementation, times y = x w with both gradients (3 GEMMs,
+6 M K N FLOPs), checks what XLA compiled them to, and the error against the float32 product:
+
+  bf16           jnp.dot in bf16 (autodiff)                            cuBLAS bf16
+  blockwise-f8   fp8_dot, DeepSeek tiles, e4m3 operands per K chunk     cuBLASLt f8, one batched GEMM per pass
+  blockwise-qdq  fp8_dot, DeepSeek tiles, quantize-dequantize + bf16    cuBLAS bf16 (FP8 numerics only)
+  rowwise-f8     fp8_dot, per-row/column scales, one f8 GEMM per pass   cuBLASLt f8
+  tensorwise-f8  fp8_dot, per-tensor scales, one f8 GEMM per pass       cuBLASLt f8
+
+plus, forward only, the ceiling: `raw-f8`, jnp.dot on pre-quantized e4m3 operands (cuBLAS per-tensor FP8).
+The `f8 calls` column counts `__cublas$lt$matmul$f8` custom calls in the compiled fwd+bwd (3 expected for the
+*-f8 rows on Hopper; XLA upcasts f8 dots on CPU, so 0 there). With --grouped, the routed experts' grouped
+matmul (fp8_gmm, quantize-dequantize around the grouped kernels) against bf16.
+
+  PYTHONPATH=. python bench/fp8_matmul.py                 # H100: DeepSeek-V3 + configs/bench.yaml shapes
+  PYTHONPATH=. python bench/fp8_matmul.py --grouped       # ... and the MoE grouped matmul
+  PYTHONPATH=. python bench/fp8_matmul.py --smoke         # CPU, toy shapes, < 30 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax import fp8
+from deepseek_jax.config import load_config
+
+IMPLS = ("bf16", "blockwise-f8", "blockwise-qdq", "rowwise-f8", "tensorwise-f8")
+F8_CALL = "__cublas$lt$matmul$f8"
+
+
+def bench_shapes(config: str) -> list[tuple[str, int, int, int]]:
+  """(name, M, K, N): DeepSeek-V3's expert-sized GEMM, then every Linear of one block of `config`."""
+  cfg = load_config(config)
+  m = cfg.model
+  M = cfg.train.batch_size * cfg.data.seq_len
+  H, F = m.n_heads, m.moe_inter_dim * m.n_shared_experts
+  shapes = [("v3 16384x7168x2048", 16384, 7168, 2048)]
+  if m.q_lora_rank:
+    shapes += [("wq_a", M, m.dim, m.q_lora_rank), ("wq_b", M, m.q_lora_rank, H * m.qk_head_dim)]
+  else:
+    shapes += [("wq", M, m.dim, H * m.qk_head_dim)]
+  shapes += [("wkv_a", M, m.dim, m.kv_lora_rank + m.qk_rope_head_dim),
+             ("wkv_b", M, m.kv_lora_rank, H * (m.qk_nope_head_dim + m.v_head_dim)),
+             ("wo", M, H * m.v_head_dim, m.dim),
+             ("mlp w1|w3", M, m.dim, m.inter_dim), ("mlp w2", M, m.inter_dim, m.dim)]
+  if F:
+    shapes += [("shared w1|w3", M, m.dim, F), ("shared w2", M, F, m.dim)]
+  return shapes
+
+
+def _linear(impl: str):
+  if impl == "bf16":
+    return lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  recipe, gemm = impl.split("-")
+  return lambda x, w: fp8.fp8_dot(x, w, recipe, gemm)
+
+
+def _fwd_bwd(f):
+  def run(x, w, dy):
+    y, vjp = jax.vjp(f, x, w)
+    return (y, *vjp(dy))
+  return jax.jit(run)
+
+
+def _time(fn, args, iters: int, warmup: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _rel(got, ref) -> float:
+  got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+  return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _hlo_counts(compiled_text: str) -> tuple[int, int]:
+  """(f8 cuBLASLt calls, other cuBLAS GEMM calls) in compiled HLO."""
+  f8 = compiled_text.count(f'custom_call_target="{F8_CALL}"')
+  gemms = compiled_text.count('custom_call_target="__cublas$gemm"') + compiled_text.count(
+      'custom_call_target="__cublas$lt$matmul"')
+  return f8, gemms
+
+
+def _inputs(M, K, N, dtype, seed=0):
+  kx, kw, kd = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (M, K), jnp.float32)
+  w = jax.random.normal(kw, (K, N), jnp.float32) * K ** -0.5
+  dy = jax.random.normal(kd, (M, N), jnp.float32) * 1e-3
+  return x.astype(dtype), w.astype(dtype), dy.astype(dtype)
+
+
+def _reference(x, w, dy):
+  """float32 products (fp32 accumulation, highest precision) for the error column."""
+  x, w, dy = (a.astype(jnp.float32) for a in (x, w, dy))
+  hi = jax.lax.Precision.HIGHEST
+  f = jax.jit(lambda x, w, dy: (jnp.dot(x, w, precision=hi), jnp.dot(dy, w.T, precision=hi),
+                                jnp.dot(x.T, dy, precision=hi)))
+  return f(x, w, dy)
+
+
+def run_dense(shapes, impls, dtype, iters, warmup, gpu: bool):
+  print(f"\n{'shape':<20}{'M':>7}{'K':>6}{'N':>6} {'impl':<15}{'ms':>9}{'TFLOP/s':>9}{'vs bf16':>8}"
+        f"{'f8 calls':>9}{'gemms':>6}  rel err y / dx / dw")
+  totals: dict[str, float] = {}
+  for name, M, K, N in shapes:
+    x, w, dy = _inputs(M, K, N, dtype)
+    ref = _reference(x, w, dy)
+    flops = 6.0 * M * K * N
+    base = None
+    for impl in impls:
+      fn = _fwd_bwd(_linear(impl))
+      try:
+        compiled = fn.lower(x, w, dy).compile()
+        sec = _time(compiled, (x, w, dy), iters, warmup)
+        out = compiled(x, w, dy)
+      except Exception as e:  # noqa: BLE001  (e.g. out of memory for the chunked partial sums)
+        print(f"{name:<20}{M:>7}{K:>6}{N:>6} {impl:<15}  failed: {type(e).__name__}: "
+              f"{str(e).splitlines()[0][:90]}")
+        continue
+      base = sec if impl == "bf16" else base
+      f8_calls, gemms = _hlo_counts(compiled.as_text())
+      errs = " / ".join(f"{_rel(o, r):.4f}" for o, r in zip(out, ref))
+      flag = "" if not gpu or impl == "bf16" or not impl.endswith("-f8") or f8_calls >= 3 else "  (f8 GEMM MISSING)"
+      ratio = f"{base / sec:>8.2f}" if base else f"{'-':>8}"
+      print(f"{name:<20}{M:>7}{K:>6}{N:>6} {impl:<15}{sec * 1e3:>9.3f}{flops / sec / 1e12:>9.1f}{ratio}"
+            f"{f8_calls:>9}{gemms:>6}  {errs}{flag}")
+      if not name.startswith("v3"):
+        totals[impl] = totals.get(impl, 0.0) + sec
+    raw_f8(name, M, K, N, iters, warmup)
+  if totals:
+    base = totals.get("bf16")
+    print("\nsum over the rows above (without the v3 shape): " + ", ".join(
+        f"{k} {v * 1e3:.2f} ms" + (f" ({base / v:.2f}x)" if base else "") for k, v in totals.items()))
+
+
+def raw_f8(name, M, K, N, iters, warmup):
+  """Forward-only ceiling: cuBLAS per-tensor FP8, jnp.dot on pre-quantized e4m3 operands -> bf16."""
+  x, w, _ = _inputs(M, K, N, jnp.float32)
+  a8, sa = fp8.quantize(x, (-1, -1))
+  b8, sb = fp8.quantize(w, (-1, -1))
+  f = jax.jit(lambda a, b, s: jnp.dot(a, b, preferred_element_type=jnp.bfloat16) * s.astype(jnp.bfloat16))
+  try:
+    compiled = f.lower(a8, b8, sa[0, 0] * sb[0, 0]).compile()
+    sec = _time(compiled, (a8, b8, sa[0, 0] * sb[0, 0]), iters, warmup)
+  except Exception as e:  # noqa: BLE001
+    print(f"{name:<20}{M:>7}{K:>6}{N:>6} {'raw-f8 (fwd)':<15}  failed: {type(e).__name__}")
+    return
+  f8_calls, gemms = _hlo_counts(compiled.as_text())
+  print(f"{name:<20}{M:>7}{K:>6}{N:>6} {'raw-f8 (fwd)':<15}{sec * 1e3:>9.3f}{2.0 * M * K * N / sec / 1e12:>9.1f}"
+        f"{'':>8}{f8_calls:>9}{gemms:>6}")
+
+
+def _grouped_kernels():
+  """The MoE path's grouped kernels when moe.py exposes them (Pallas Mosaic-GPU on Hopper), else ragged_dot."""
+  try:
+    from deepseek_jax import moe
+    impl = moe.grouped_matmul_impl(jnp.bfloat16, 128, 128)
+    if impl == "xla":
+      raise AttributeError("no fast grouped kernel here")
+    return impl, fp8.GroupedKernels(
+        fwd=lambda x, w, gs: moe._gmm_fwd_kernel(x, w, gs, impl),
+        dgrad=lambda dy, w, gs: moe._gmm_fwd_kernel(dy, w, gs, impl, transpose_rhs=True),
+        wgrad=lambda x, dy, gs: moe._gmm_weight_grad_kernel(x, dy, gs, impl))
+  except (ImportError, AttributeError, TypeError):
+    return "ragged_dot", fp8.RAGGED_DOT
+
+
+def run_grouped(M, E, K, N, dtype, iters, warmup):
+  """Routed experts: M = tokens x top-k rows in E equal groups, [E, K, N] weights."""
+  name, kernels = _grouped_kernels()
+  gs = jnp.full((E,), M // E, jnp.int32)
+  kx, kw, kd = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (M, K), jnp.float32).astype(dtype)
+  w = (jax.random.normal(kw, (E, K, N), jnp.float32) * K ** -0.5).astype(dtype)
+  dy = (jax.random.normal(kd, (M, N), jnp.float32) * 1e-3).astype(dtype)
+  print(f"\ngrouped M={M} E={E} K={K} N={N} {dtype.__name__} kernels={name}")
+  flops = 6.0 * M * K * N
+  base = None
+  for impl, f in (("bf16", lambda x, w: _custom_gmm(x, w, gs, kernels)),
+                  ("blockwise-qdq", lambda x, w: fp8.fp8_gmm(x, w, gs, "blockwise", kernels))):
+    try:
+      sec = _time(_fwd_bwd(f), (x, w, dy), iters, warmup)
+    except Exception as e:  # noqa: BLE001
+      print(f"  {impl:<15} failed: {type(e).__name__}: {str(e).splitlines()[0][:90]}")
+      continue
+    base = sec if impl == "bf16" else base
+    print(f"  {impl:<15}{sec * 1e3:>9.3f} ms{flops / sec / 1e12:>9.1f} TFLOP/s"
+          + (f"{base / sec:>8.2f}x" if base else ""))
+
+
+def _custom_gmm(x, w, gs, kernels: fp8.GroupedKernels):
+  """bf16 grouped matmul with the same kernels in all three GEMMs (for a like-for-like baseline)."""
+  @jax.custom_vjp
+  def gmm(x, w):
+    return kernels.fwd(x, w, gs)
+
+  def fwd(x, w):
+    return kernels.fwd(x, w, gs), (x, w)
+
+  def bwd(res, dy):
+    x, w = res
+    return kernels.dgrad(dy, w, gs), kernels.wgrad(x, dy, gs).astype(w.dtype)
+
+  gmm.defvjp(fwd, bwd)
+  return gmm(x, w)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--smoke", action="store_true", help="toy shapes on CPU (< 30 s)")
+  p.add_argument("--config", default="configs/bench.yaml", help="model whose Linear shapes are timed")
+  p.add_argument("--shapes", default="", help="'M,K,N;M,K,N' instead of the config's shapes")
+  p.add_argument("--impls", default=",".join(IMPLS))
+  p.add_argument("--grouped", action="store_true", help="also time the routed experts' grouped matmul")
+  p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--warmup", type=int, default=3)
+  args = p.parse_args(argv)
+  gpu = jax.default_backend() == "gpu"
+  print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} jax={jax.__version__}")
+  if args.smoke:
+    shapes, iters, warmup = [("smoke", 256, 384, 256), ("smoke ragged", 200, 320, 200)], 2, 1
+  elif args.shapes:
+    shapes = [(s, *map(int, s.split(","))) for s in args.shapes.split(";")]
+    iters, warmup = args.iters, args.warmup
+  else:
+    shapes, iters, warmup = bench_shapes(args.config), args.iters, args.warmup
+  if not gpu and not args.smoke:
+    print("note: not a GPU; XLA upcasts f8 GEMMs here, so the times say nothing about FP8 hardware")
+  run_dense(shapes, args.impls.split(","), jnp.bfloat16, iters, warmup, gpu)
+  if args.grouped or args.smoke:
+    if args.smoke:
+      run_grouped(512, 4, 256, 128, jnp.bfloat16, iters, warmup)
+    else:
+      m = load_config(args.config).model
+      cfg = load_config(args.config)
+      M = cfg.train.batch_size * cfg.data.seq_len * m.n_activated_experts
+      run_grouped(M, m.n_routed_experts, m.dim, 2 * m.moe_inter_dim, jnp.bfloat16, iters, warmup)
+      run_grouped(M, m.n_routed_experts, m.moe_inter_dim, m.dim, jnp.bfloat16, iters, warmup)
+
+
+if __name__ == "__main__":
+  main()
