@@ -6,13 +6,16 @@ For each shape (M tokens, K in, N out) and implementation, times y = x w with bo
   bf16           jnp.dot in bf16 (autodiff)                            cuBLAS bf16
   blockwise-f8   fp8_dot, DeepSeek tiles, e4m3 operands per K chunk     cuBLASLt f8, one batched GEMM per pass
   blockwise-qdq  fp8_dot, DeepSeek tiles, quantize-dequantize + bf16    cuBLAS bf16 (FP8 numerics only)
+  blockwise-mgpu fp8_dot, DeepSeek tiles, Pallas Mosaic-GPU kernel        fp8_gemm_mgpu (Hopper only)
   rowwise-f8     fp8_dot, per-row/column scales, one f8 GEMM per pass   cuBLASLt f8
   tensorwise-f8  fp8_dot, per-tensor scales, one f8 GEMM per pass       cuBLASLt f8
 
-plus, forward only, the ceiling: `raw-f8`, jnp.dot on pre-quantized e4m3 operands (cuBLAS per-tensor FP8).
 The `f8 calls` column counts `__cublas$lt$matmul$f8` custom calls in the compiled fwd+bwd (3 expected for the
-*-f8 rows on Hopper; XLA upcasts f8 dots on CPU, so 0 there). With --grouped, the routed experts' grouped
-matmul (fp8_gmm, quantize-dequantize around the grouped kernels) against bf16.
+*-f8 rows on Hopper; XLA upcasts f8 dots on CPU, so 0 there), `mgpu` the Mosaic GPU kernels (3 for -mgpu).
+Then, forward GEMM only on pre-quantized operands (the kernels against cuBLAS): bf16 jnp.dot, `raw-f8`
+(jnp.dot on per-tensor e4m3 operands: cuBLAS per-tensor FP8, the ceiling of issue #12) and the blockwise kernel
+in both variants, each kernel checked against the exact dequantized float32 product (rel err must be < 1e-5).
+With --grouped, the routed experts' grouped matmul (fp8_gmm: quantize-dequantize around the grouped kernels).
 
   PYTHONPATH=. python bench/fp8_matmul.py                 # H100: DeepSeek-V3 + configs/bench.yaml shapes
   PYTHONPATH=. python bench/fp8_matmul.py --grouped       # ... and the MoE grouped matmul
@@ -22,6 +25,7 @@ matmul (fp8_gmm, quantize-dequantize around the grouped kernels) against bf16.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -32,7 +36,7 @@ import numpy as np
 from deepseek_jax import fp8
 from deepseek_jax.config import load_config
 
-IMPLS = ("bf16", "blockwise-f8", "blockwise-qdq", "rowwise-f8", "tensorwise-f8")
+IMPLS = ("bf16", "blockwise-f8", "blockwise-qdq", "blockwise-mgpu", "rowwise-f8", "tensorwise-f8")
 F8_CALL = "__cublas$lt$matmul$f8"
 
 
@@ -86,12 +90,12 @@ def _rel(got, ref) -> float:
   return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def _hlo_counts(compiled_text: str) -> tuple[int, int]:
-  """(f8 cuBLASLt calls, other cuBLAS GEMM calls) in compiled HLO."""
+def _hlo_counts(compiled_text: str) -> tuple[int, int, int]:
+  """(f8 cuBLASLt calls, other cuBLAS GEMM calls, Mosaic GPU kernels) in compiled HLO."""
   f8 = compiled_text.count(f'custom_call_target="{F8_CALL}"')
   gemms = compiled_text.count('custom_call_target="__cublas$gemm"') + compiled_text.count(
       'custom_call_target="__cublas$lt$matmul"')
-  return f8, gemms
+  return f8, gemms, compiled_text.count('custom_call_target="mosaic_gpu')
 
 
 def _inputs(M, K, N, dtype, seed=0):
@@ -111,9 +115,9 @@ def _reference(x, w, dy):
   return f(x, w, dy)
 
 
-def run_dense(shapes, impls, dtype, iters, warmup, gpu: bool):
-  print(f"\n{'shape':<20}{'M':>7}{'K':>6}{'N':>6} {'impl':<15}{'ms':>9}{'TFLOP/s':>9}{'vs bf16':>8}"
-        f"{'f8 calls':>9}{'gemms':>6}  rel err y / dx / dw")
+def run_dense(shapes, impls, dtype, iters, warmup, gpu: bool, hopper: bool):
+  print(f"\nforward + backward\n{'shape':<20}{'M':>7}{'K':>6}{'N':>6} {'impl':<15}{'ms':>9}{'TFLOP/s':>9}"
+        f"{'vs bf16':>8}{'f8 calls':>9}{'gemms':>6}{'mgpu':>5}  rel err y / dx / dw")
   totals: dict[str, float] = {}
   for name, M, K, N in shapes:
     x, w, dy = _inputs(M, K, N, dtype)
@@ -121,6 +125,8 @@ def run_dense(shapes, impls, dtype, iters, warmup, gpu: bool):
     flops = 6.0 * M * K * N
     base = None
     for impl in impls:
+      if impl.endswith("-mgpu") and not hopper:
+        continue
       fn = _fwd_bwd(_linear(impl))
       try:
         compiled = fn.lower(x, w, dy).compile()
@@ -131,36 +137,57 @@ def run_dense(shapes, impls, dtype, iters, warmup, gpu: bool):
               f"{str(e).splitlines()[0][:90]}")
         continue
       base = sec if impl == "bf16" else base
-      f8_calls, gemms = _hlo_counts(compiled.as_text())
+      f8_calls, gemms, mgpu = _hlo_counts(compiled.as_text())
       errs = " / ".join(f"{_rel(o, r):.4f}" for o, r in zip(out, ref))
-      flag = "" if not gpu or impl == "bf16" or not impl.endswith("-f8") or f8_calls >= 3 else "  (f8 GEMM MISSING)"
+      flag = "  (f8 GEMM MISSING)" if gpu and impl.endswith("-f8") and f8_calls < 3 else ""
       ratio = f"{base / sec:>8.2f}" if base else f"{'-':>8}"
       print(f"{name:<20}{M:>7}{K:>6}{N:>6} {impl:<15}{sec * 1e3:>9.3f}{flops / sec / 1e12:>9.1f}{ratio}"
-            f"{f8_calls:>9}{gemms:>6}  {errs}{flag}")
+            f"{f8_calls:>9}{gemms:>6}{mgpu:>5}  {errs}{flag}")
       if not name.startswith("v3"):
         totals[impl] = totals.get(impl, 0.0) + sec
-    raw_f8(name, M, K, N, iters, warmup)
   if totals:
     base = totals.get("bf16")
     print("\nsum over the rows above (without the v3 shape): " + ", ".join(
         f"{k} {v * 1e3:.2f} ms" + (f" ({base / v:.2f}x)" if base else "") for k, v in totals.items()))
 
 
-def raw_f8(name, M, K, N, iters, warmup):
-  """Forward-only ceiling: cuBLAS per-tensor FP8, jnp.dot on pre-quantized e4m3 operands -> bf16."""
-  x, w, _ = _inputs(M, K, N, jnp.float32)
-  a8, sa = fp8.quantize(x, (-1, -1))
-  b8, sb = fp8.quantize(w, (-1, -1))
-  f = jax.jit(lambda a, b, s: jnp.dot(a, b, preferred_element_type=jnp.bfloat16) * s.astype(jnp.bfloat16))
-  try:
-    compiled = f.lower(a8, b8, sa[0, 0] * sb[0, 0]).compile()
-    sec = _time(compiled, (a8, b8, sa[0, 0] * sb[0, 0]), iters, warmup)
-  except Exception as e:  # noqa: BLE001
-    print(f"{name:<20}{M:>7}{K:>6}{N:>6} {'raw-f8 (fwd)':<15}  failed: {type(e).__name__}")
-    return
-  f8_calls, gemms = _hlo_counts(compiled.as_text())
-  print(f"{name:<20}{M:>7}{K:>6}{N:>6} {'raw-f8 (fwd)':<15}{sec * 1e3:>9.3f}{2.0 * M * K * N / sec / 1e12:>9.1f}"
-        f"{'':>8}{f8_calls:>9}{gemms:>6}")
+def run_forward_gemms(shapes, iters, warmup, hopper: bool):
+  """Forward GEMM only, on operands quantized beforehand: the kernels against cuBLAS."""
+  print(f"\nforward GEMM only (operands pre-quantized)\n{'shape':<20}{'M':>7}{'K':>6}{'N':>6} {'gemm':<16}"
+        f"{'ms':>9}{'TFLOP/s':>9}{'vs bf16':>8}{'f8 calls':>9}  rel err vs exact")
+  for name, M, K, N in shapes:
+    x, w, _ = _inputs(M, K, N, jnp.float32)
+    flops = 2.0 * M * K * N
+    rows = {"bf16": (jax.jit(lambda a, b: jnp.dot(a, b)), (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)), None)}
+    a8, sa = fp8.quantize(x, (-1, -1))
+    b8, sb = fp8.quantize(w, (-1, -1))
+    s = (sa * sb)[0, 0]
+    rows["raw-f8 (tensor)"] = (jax.jit(lambda a, b, s: jnp.dot(a, b, preferred_element_type=jnp.bfloat16) * s.astype(
+        jnp.bfloat16)), (a8, b8, s), fp8.dequantize(a8, sa, (-1, -1)) @ fp8.dequantize(b8, sb, (-1, -1)))
+    if hopper and M % 128 == 0 and K % 128 == 0 and N % 128 == 0:
+      from deepseek_jax import fp8_gemm_mgpu
+      qa, sa_Mc = fp8.quantize(x, (1, 128))
+      qb, sb_kn = fp8.quantize(w, (128, 128))
+      exact = fp8.dequantize(qa, sa_Mc, (1, 128)) @ fp8.dequantize(qb, sb_kn, (128, 128))
+      args = (qa, sa_Mc, qb.T, jnp.repeat(sb_kn, 128, axis=1))   # the kernel takes b K-major: [N, K]
+      for ws in (True, False):
+        rows[f"mgpu {'ws' if ws else 'simple'}"] = (jax.jit(functools.partial(
+            fp8_gemm_mgpu.blockwise_gemm, out_dtype=jnp.float32, warp_specialized=ws)), args, exact)
+    base = None
+    for gemm, (fn, args, exact) in rows.items():
+      try:
+        compiled = fn.lower(*args).compile()
+        sec = _time(compiled, args, iters, warmup)
+        err = "" if exact is None else f"{_rel(compiled(*args).astype(jnp.float32), exact):.2e}"
+        if gemm.startswith("mgpu") and _rel(compiled(*args), exact) > 1e-5:
+          err += "  MISMATCH"
+      except Exception as e:  # noqa: BLE001
+        print(f"{name:<20}{M:>7}{K:>6}{N:>6} {gemm:<16}  failed: {type(e).__name__}: {str(e).splitlines()[0][:90]}")
+        continue
+      base = sec if gemm == "bf16" else base
+      ratio = f"{base / sec:>8.2f}" if base else f"{'-':>8}"
+      print(f"{name:<20}{M:>7}{K:>6}{N:>6} {gemm:<16}{sec * 1e3:>9.3f}{flops / sec / 1e12:>9.1f}{ratio}"
+            f"{_hlo_counts(compiled.as_text())[0]:>9}  {err}")
 
 
 def _grouped_kernels():
@@ -229,7 +256,9 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=3)
   args = p.parse_args(argv)
   gpu = jax.default_backend() == "gpu"
-  print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} jax={jax.__version__}")
+  hopper = gpu and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+  print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} jax={jax.__version__}"
+        + ("" if hopper else "  (no Hopper: the -mgpu rows are skipped)"))
   if args.smoke:
     shapes, iters, warmup = [("smoke", 256, 384, 256), ("smoke ragged", 200, 320, 200)], 2, 1
   elif args.shapes:
@@ -239,7 +268,8 @@ def main(argv=None):
     shapes, iters, warmup = bench_shapes(args.config), args.iters, args.warmup
   if not gpu and not args.smoke:
     print("note: not a GPU; XLA upcasts f8 GEMMs here, so the times say nothing about FP8 hardware")
-  run_dense(shapes, args.impls.split(","), jnp.bfloat16, iters, warmup, gpu)
+  run_dense(shapes, args.impls.split(","), jnp.bfloat16, iters, warmup, gpu, hopper)
+  run_forward_gemms(shapes, iters, warmup, hopper)
   if args.grouped or args.smoke:
     if args.smoke:
       run_grouped(512, 4, 256, 128, jnp.bfloat16, iters, warmup)

@@ -65,8 +65,9 @@ class ModelConfig:
   dtype: str = "bfloat16"         # compute dtype; params stay float32
   fp8: str = "none"               # FP8 Linear GEMMs (deepseek_jax/fp8.py): "none", "blockwise" (DeepSeek-V3: 1x128
                                   # activation / 128x128 weight tiles), "rowwise" or "tensorwise" (for comparison)
-  fp8_gemm: str = "f8"            # "f8": e4m3 operands into the GEMM (needs sm >= 8.9); "qdq": quantize-dequantize
-                                  # around an ordinary GEMM (FP8 numerics at bf16 speed, runs anywhere)
+  fp8_gemm: str = "f8"            # "f8": e4m3 operands into XLA's GEMM (cuBLASLt, sm >= 8.9); "mgpu": Pallas Hopper
+                                  # kernel, fp32 promotion in registers; "qdq": quantize-dequantize around an
+                                  # ordinary GEMM (FP8 numerics at bf16 speed, runs anywhere)
   # --- implementation ---
   moe_impl: str = "grouped"       # "grouped" (sort + grouped matmul) or "dense" (every expert on every token)
   capacity_factor: float = 0.0    # 0 = dropless; >0 = per-expert capacity ceil(cf * tokens * k / E)
@@ -81,7 +82,7 @@ class ModelConfig:
     _check_choice("model.attn_impl", self.attn_impl, ("xla", "cudnn"))
     _check_choice("model.remat", self.remat, ("none", "full", "save_dots"))
     _check_choice("model.fp8", self.fp8, ("none", "blockwise", "rowwise", "tensorwise"))
-    _check_choice("model.fp8_gemm", self.fp8_gemm, ("f8", "qdq"))
+    _check_choice("model.fp8_gemm", self.fp8_gemm, ("f8", "mgpu", "qdq"))
     for name in ("vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "v_head_dim", "max_seq_len"):
       _check_positive(f"model.{name}", getattr(self, name))
     if not 0 <= self.n_dense_layers <= self.n_layers:

@@ -14,12 +14,15 @@ Scales are constant along each 128-wide chunk of the contraction dim, so a GEMM 
 (q_a[:, c] @ q_b[c, :]) * s_a[:, c] * s_b[c, :], with each chunk's exact e4m3 products summed in fp32: the
 "promotion to fp32 every 128 elements of K" of the report. For rowwise and tensorwise there is one chunk.
 
-Two ways to run the products (`gemm`, from ModelConfig.fp8_gemm):
+Three ways to run the products (`gemm`, from ModelConfig.fp8_gemm):
   "f8"   the e4m3 operands go into lax.dot_general (preferred_element_type=float32), one batched dot over the
          K chunks, then the scales and the sum over chunks in fp32. On Ada/Hopper XLA lowers f8 dots to
          cuBLASLt (`__cublas$lt$matmul$f8`); on CPU XLA upcasts them (exact, slow). With 128-wide chunks the
          per-chunk fp32 partial sums go through memory ([K/128, M, N] floats), which costs far more than the
          GEMM itself: only a kernel that keeps the partial sums in registers (DeepGEMM-style) is fast.
+  "mgpu" a Pallas Mosaic-GPU kernel for Hopper (fp8_gemm_mgpu.py): e4m3 WGMMAs, each 128-deep K step scaled
+         and added to an fp32 sum in registers (the DeepSeek/DeepGEMM scheme). Any recipe; operands padded
+         to its 128 x 128 x 128 tiles.
   "qdq"  quantize, dequantize to the operand dtype, ordinary GEMM: the same numbers up to the rounding of
          q * s to that dtype (2^-9 relative in bf16, far below e4m3's 2^-4 step), at bf16 GEMM speed.
          Also the path for the routed experts' grouped matmul (`fp8_gmm`), until a grouped FP8 kernel exists.
@@ -61,7 +64,7 @@ RECIPES = {
     "rowwise": Recipe(x=(1, -1), w=(-1, 1), dy=(1, -1), w_t=(1, -1), x_t=(-1, 1), dy_t=(-1, 1)),
     "tensorwise": Recipe(x=(-1, -1), w=(-1, -1), dy=(-1, -1), w_t=(-1, -1), x_t=(-1, -1), dy_t=(-1, -1)),
 }
-GEMMS = ("f8", "qdq")
+GEMMS = ("f8", "qdq", "mgpu")
 
 
 def _check(recipe: str, gemm: str):
@@ -113,30 +116,50 @@ def qdq(x_RC, tile: Tile):
 
 # One scaled GEMM ---------------------------------------------------------------------------------------
 
-def scaled_matmul(a_MK, a_tile: Tile, b_KN, b_tile: Tile, gemm: str):
-  """a @ b with both operands quantized on their tiles -> float32 [M, N]."""
+def scaled_matmul(a_MK, a_tile: Tile, b_KN, b_tile: Tile, gemm: str, out_dtype=jnp.float32):
+  """a @ b with both operands quantized on their tiles, accumulated in fp32 -> [M, N] in out_dtype."""
   (M, K), N = a_MK.shape, b_KN.shape[1]
   qa_MK, sa_mk = quantize(a_MK, a_tile)
   qb_KN, sb_kn = quantize(b_KN, b_tile)
   if gemm == "qdq":
     dt = jnp.promote_types(a_MK.dtype, b_KN.dtype)
     return jnp.dot(dequantize(qa_MK, sa_mk, a_tile, dt), dequantize(qb_KN, sb_kn, b_tile, dt),
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=jnp.float32).astype(out_dtype)
   chunk = _resolve(a_tile, a_MK.shape)[1]
   assert chunk == _resolve(b_tile, b_KN.shape)[0], (a_tile, b_tile, a_MK.shape, b_KN.shape)
   # Scales per row of a and per column of b, for each K chunk c.
   sa_Mc = jnp.repeat(sa_mk, _resolve(a_tile, a_MK.shape)[0], axis=0)[:M]
   sb_cN = jnp.repeat(sb_kn, _resolve(b_tile, b_KN.shape)[1], axis=1)[:, :N]
   n_c = sa_mk.shape[1]
+  if gemm == "mgpu":
+    return _mgpu_matmul(qa_MK, sa_Mc, qb_KN, sb_cN, out_dtype)
   if n_c == 1:   # one chunk: a single f8 GEMM, scales applied to its fp32 output
     p_MN = jax.lax.dot(qa_MK, qb_KN, preferred_element_type=jnp.float32)
-    return p_MN * sa_Mc * sb_cN
+    return (p_MN * sa_Mc * sb_cN).astype(out_dtype)
   pad = n_c * chunk - K                   # zeros contribute nothing to any chunk
   qa_cMk = jnp.pad(qa_MK, ((0, 0), (0, pad))).reshape(M, n_c, chunk).transpose(1, 0, 2)
   qb_ckN = jnp.pad(qb_KN, ((0, pad), (0, 0))).reshape(n_c, chunk, N)
   p_cMN = jax.lax.dot_general(qa_cMk, qb_ckN, (((2,), (1,)), ((0,), (0,))),
                               preferred_element_type=jnp.float32)
-  return jnp.sum(p_cMN * sa_Mc.T[:, :, None] * sb_cN[:, None, :], axis=0)
+  return jnp.sum(p_cMN * sa_Mc.T[:, :, None] * sb_cN[:, None, :], axis=0).astype(out_dtype)
+
+
+def _mgpu_matmul(qa_MK, sa_Mc, qb_KN, sb_cN, out_dtype, block_n: int = 128):
+  """The Hopper kernel (fp8_gemm_mgpu): operands zero-padded to its tiles, b handed over K-major ([N, K])."""
+  from deepseek_jax import fp8_gemm_mgpu   # Pallas Mosaic GPU, imported only when used
+  (M, K), N = qa_MK.shape, qb_KN.shape[1]
+  block_m = fp8_gemm_mgpu.tile_m(warp_specialized=True)
+  up = lambda n, m: -(-n // m) * m
+  Mp, Np, Kp = up(M, block_m), up(N, block_n), up(K, BLOCK)
+  n_c = Kp // BLOCK
+  sa_Mc = jnp.broadcast_to(sa_Mc, (M, n_c)) if sa_Mc.shape[1] == 1 else sa_Mc   # one scale over all of K
+  sb_cN = jnp.broadcast_to(sb_cN, (n_c, N)) if sb_cN.shape[0] == 1 else sb_cN
+  qa_MK = jnp.pad(qa_MK, ((0, Mp - M), (0, Kp - K)))
+  qb_NK = jnp.pad(qb_KN, ((0, Kp - K), (0, Np - N))).T
+  out = fp8_gemm_mgpu.blockwise_gemm(qa_MK, jnp.pad(sa_Mc, ((0, Mp - M), (0, 0))), qb_NK,
+                                     jnp.pad(sb_cN, ((0, 0), (0, Np - N))), out_dtype=out_dtype,
+                                     block_n=block_n)
+  return out[:M, :N]
 
 
 # Dense linear ------------------------------------------------------------------------------------------
@@ -152,7 +175,7 @@ def fp8_dot(x, w_KN, recipe: str = "blockwise", gemm: str = "f8"):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _fp8_matmul(x_MK, w_KN, recipe, gemm):
   r = RECIPES[recipe]
-  return scaled_matmul(x_MK, r.x, w_KN, r.w, gemm).astype(x_MK.dtype)
+  return scaled_matmul(x_MK, r.x, w_KN, r.w, gemm, x_MK.dtype)
 
 
 def _fp8_matmul_fwd(x_MK, w_KN, recipe, gemm):
@@ -163,9 +186,9 @@ def _fp8_matmul_bwd(recipe, gemm, res, dy_MN):
   x_MK, w_KN = res
   r = RECIPES[recipe]
   dy_MN = dy_MN.astype(x_MK.dtype)
-  dx_MK = scaled_matmul(dy_MN, r.dy, w_KN.T, _transpose(r.w_t), gemm)
-  dw_KN = scaled_matmul(x_MK.T, _transpose(r.x_t), dy_MN, r.dy_t, gemm)
-  return dx_MK.astype(x_MK.dtype), dw_KN.astype(w_KN.dtype)
+  dx_MK = scaled_matmul(dy_MN, r.dy, w_KN.T, _transpose(r.w_t), gemm, x_MK.dtype)
+  dw_KN = scaled_matmul(x_MK.T, _transpose(r.x_t), dy_MN, r.dy_t, gemm, w_KN.dtype)
+  return dx_MK, dw_KN
 
 
 _fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
@@ -257,17 +280,21 @@ _fp8_gmm.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)
 # Hardware ----------------------------------------------------------------------------------------------
 
 def check_devices(fp8: str, fp8_gemm: str, devices) -> None:
-  """Raises a one-line ValueError when fp8 GEMMs ("f8") are asked of devices without FP8 tensor cores.
+  """Raises a one-line ValueError when the FP8 GEMMs asked for cannot run on `devices`.
 
-  XLA would otherwise upcast the e4m3 operands and run the GEMM at bf16/fp32 speed without a word. "qdq"
-  is an explicit emulation and runs anywhere.
+  "f8" needs FP8 tensor cores (sm >= 8.9): elsewhere XLA would upcast the e4m3 operands and run the GEMM at
+  bf16/fp32 speed without a word. "mgpu" needs Hopper (sm 9.x: WGMMA). "qdq" is an explicit emulation and
+  runs anywhere.
   """
-  if fp8 == "none" or fp8_gemm != "f8":
+  if fp8 == "none" or fp8_gemm == "qdq":
     return
   for d in devices:
     cc = str(getattr(d, "compute_capability", "")) if d.platform == "gpu" else ""
     major, _, minor = cc.partition(".")
-    if not (major.isdigit() and minor.isdigit() and (int(major), int(minor)) >= (8, 9)):
-      raise ValueError(f"model.fp8={fp8!r} with model.fp8_gemm='f8' needs FP8 GPUs (compute capability >= 8.9,"
-                       f" Ada/Hopper or later), got {d.platform} {d.device_kind!r}{' sm ' + cc if cc else ''};"
-                       f" set model.fp8_gemm=qdq to emulate FP8 numerics")
+    sm = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (0, 0)
+    ok = sm[0] == 9 if fp8_gemm == "mgpu" else sm >= (8, 9)
+    if not ok:
+      need = "Hopper GPUs (compute capability 9.x)" if fp8_gemm == "mgpu" else \
+          "FP8 GPUs (compute capability >= 8.9, Ada/Hopper or later)"
+      raise ValueError(f"model.fp8={fp8!r} with model.fp8_gemm={fp8_gemm!r} needs {need}, got {d.platform} "
+                       f"{d.device_kind!r}{' sm ' + cc if cc else ''}; set model.fp8_gemm=qdq to emulate FP8 numerics")

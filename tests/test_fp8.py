@@ -17,6 +17,8 @@ from deepseek_jax import trainer
 from deepseek_jax.config import ConfigError, ModelConfig, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+HOPPER = jax.devices()[0].platform == "gpu" and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+on_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (JAX_PLATFORMS=cuda)")
 E4M3_EPS = 2.0 ** -4          # max relative rounding error of a normal e4m3 number (3 mantissa bits)
 
 # The tiles of each recipe, written out here rather than read from fp8.RECIPES: (rows, cols) on the operand as
@@ -111,7 +113,7 @@ def test_an_outlier_costs_precision_only_in_its_own_tile(tile):
 # fp8_dot -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("recipe", list(TILES))
-@pytest.mark.parametrize("gemm", fp8.GEMMS)
+@pytest.mark.parametrize("gemm", ["f8", "qdq", pytest.param("mgpu", marks=on_hopper, id="mgpu-hopper")])
 @pytest.mark.parametrize("shape", [(256, 384, 256), (50, 200, 72)])   # (M, K, N); the second is ragged
 def test_fp8_dot_forward_and_grads_match_reference(recipe, gemm, shape):
   M_, K, N = shape
@@ -140,6 +142,38 @@ def test_lowered_grad_runs_three_f8_gemms(gemm, n_f8):
   text = jax.jit(f).lower(_rand((256, 256), 0), _rand((256, 128), 1)).as_text()
   assert _f8_dots(text) == n_f8
   assert text.count("f8E4M3FN") >= 6                        # six quantized operands in either case
+
+
+@pytest.mark.parametrize("where", ["interpret", pytest.param("hopper", marks=on_hopper)])
+@pytest.mark.parametrize("warp_specialized", [True, False])
+def test_mgpu_kernel_matches_reference(warp_specialized, where):
+  """The Hopper kernel, on CPU in Mosaic GPU's interpreter or on an H100: 2 x 2 output tiles (3 x 3 on the
+  GPU), 2 K chunks, per-row and per-column scales varying by 1e3. (The interpreter cannot transpose shared
+  memory, so it gets b as [K, N], the GPU as [N, K]; test_mgpu_path_lowers_for_hopper lowers that variant.)"""
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  from deepseek_jax import fp8_gemm_mgpu
+  n_tiles = 2 if where == "interpret" else 3
+  M_, K, N = n_tiles * fp8_gemm_mgpu.tile_m(warp_specialized), 256, n_tiles * 128
+  x = _rand((M_, K), 9) * jnp.exp(3 * _rand((M_, 1), 10))
+  w = _rand((K, N), 11, 0.05) * jnp.exp(3 * _rand((1, N), 12))
+  qa, sa = fp8.quantize(x, (1, 128))
+  qb, sb = fp8.quantize(w, (128, 128))
+  b, interpret = (qb, InterpretGPUParams()) if where == "interpret" else (qb.T, None)
+  out = fp8_gemm_mgpu.blockwise_gemm(qa, sa, b, jnp.repeat(sb, 128, axis=1), out_dtype=jnp.float32,
+                                     warp_specialized=warp_specialized, interpret=interpret)
+  ref = np_qdq(x, (1, 128)) @ np_qdq(w, (128, 128))
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_mgpu_path_lowers_for_hopper():
+  """fp8_dot(gemm="mgpu") forward + backward lowers (for CUDA, on this CPU machine) to three Mosaic GPU
+  kernels: Mosaic checks the e4m3 WGMMA operand layouts and tile shapes at this stage. Ragged shapes exercise
+  the padding to the kernel's tiles."""
+  f = jax.grad(lambda x, w: jnp.sum(fp8.fp8_dot(x, w, "blockwise", "mgpu").astype(jnp.float32) ** 2),
+               argnums=(0, 1))
+  x, w = _rand((200, 320), 0).astype(jnp.bfloat16), _rand((320, 200), 1).astype(jnp.bfloat16)
+  text = jax.jit(f).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 3
 
 
 def test_bad_recipe_is_a_clear_error():
@@ -235,5 +269,8 @@ def test_f8_gemms_need_fp8_hardware():
   with pytest.raises(ValueError, match="sm 8.0"):
     fp8.check_devices("blockwise", "f8", [_dev("gpu", "8.0")])   # A100: XLA would silently upcast
   fp8.check_devices("blockwise", "f8", [_dev("gpu", "9.0"), _dev("gpu", "10.0")])
+  fp8.check_devices("blockwise", "mgpu", [_dev("gpu", "9.0")])
+  with pytest.raises(ValueError, match="compute capability 9.x"):
+    fp8.check_devices("blockwise", "mgpu", [_dev("gpu", "10.0")])   # WGMMA is Hopper-only
   fp8.check_devices("blockwise", "qdq", jax.devices())       # explicit emulation runs anywhere
   fp8.check_devices("none", "f8", jax.devices())
