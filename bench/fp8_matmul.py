@@ -274,8 +274,8 @@ def main(argv=None):
     if args.smoke:
       run_grouped(512, 4, 256, 128, jnp.bfloat16, iters, warmup)
     else:
-      m = load_config(args.config).model
       cfg = load_config(args.config)
+      m = cfg.model
       M = cfg.train.batch_size * cfg.data.seq_len * m.n_activated_experts
       run_grouped(M, m.n_routed_experts, m.dim, 2 * m.moe_inter_dim, jnp.bfloat16, iters, warmup)
       run_grouped(M, m.n_routed_experts, m.moe_inter_dim, m.dim, jnp.bfloat16, iters, warmup)

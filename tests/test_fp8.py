@@ -1,6 +1,5 @@
 """FP8 GEMMs with fine-grained scaling (deepseek_jax/fp8.py) on CPU, against an independent numpy reference."""
 
-import dataclasses
 import pathlib
 import re
 import types
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 
 from deepseek_jax import data, fp8
-from deepseek_jax import model as M
 from deepseek_jax import trainer
 from deepseek_jax.config import ConfigError, ModelConfig, load_config
 
