@@ -15,7 +15,7 @@ from flax import nnx
 from deepseek_jax import rope
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.kernels.tpu_attention import splash_attention
-from deepseek_jax.layers import RMSNorm, param
+from deepseek_jax.layers import RMSNorm, linear, param
 from sharding.rules import axis_size, constrain, current_mesh, mesh_spec
 
 _MASK_VALUE = -1e30  # finite, so fully masked rows (padding) give uniform weights instead of NaN
@@ -137,19 +137,19 @@ class MLA(nnx.Module):
     self.wo = param(rngs, (H, cfg.v_head_dim, D), ("heads", "head_dim", "embed"), std)
 
   def __call__(self, x_BSD, cos_sin, segment_ids_BS):
-    cfg, dt = self.cfg, x_BSD.dtype
+    cfg = self.cfg
     K = cfg.qk_nope_head_dim
     if cfg.q_lora_rank:
-      cq_BSQ = self.q_norm(x_BSD @ self.wq_a[...].astype(dt))
-      q_BSHX = jnp.einsum("bsq,qhx->bshx", cq_BSQ, self.wq_b[...].astype(dt))
+      cq_BSQ = self.q_norm(linear(cfg, x_BSD, self.wq_a[...]))
+      q_BSHX = linear(cfg, cq_BSQ, self.wq_b[...])
     else:
-      q_BSHX = jnp.einsum("bsd,dhx->bshx", x_BSD, self.wq[...].astype(dt))
+      q_BSHX = linear(cfg, x_BSD, self.wq[...])
     q_BSHX = constrain(q_BSHX, ("batch", "seq", "act_heads", None))
     q_nope_BSHK, q_pe_BSHR = q_BSHX[..., :K], q_BSHX[..., K:]
 
-    kv_BSX = x_BSD @ self.wkv_a[...].astype(dt)
+    kv_BSX = linear(cfg, x_BSD, self.wkv_a[...])
     c_BSC, k_pe_BSR = kv_BSX[..., :cfg.kv_lora_rank], kv_BSX[..., cfg.kv_lora_rank:]
-    kv_BSHY = jnp.einsum("bsc,chy->bshy", self.kv_norm(c_BSC), self.wkv_b[...].astype(dt))
+    kv_BSHY = linear(cfg, self.kv_norm(c_BSC), self.wkv_b[...])
     kv_BSHY = constrain(kv_BSHY, ("batch", "seq", "act_heads", None))
     k_nope_BSHK, v_BSHO = kv_BSHY[..., :K], kv_BSHY[..., K:]
 
@@ -158,7 +158,7 @@ class MLA(nnx.Module):
     q_BSHK = jnp.concatenate([q_nope_BSHK, q_pe_BSHR], axis=-1)
     k_BSHK = jnp.concatenate([k_nope_BSHK, jnp.broadcast_to(k_pe_BS1R, q_pe_BSHR.shape)], axis=-1)
     o_BSHO = dot_product_attention(q_BSHK, k_BSHK, v_BSHO, segment_ids_BS, cfg.softmax_scale, cfg.attn_impl)
-    return jnp.einsum("bsho,hod->bsd", o_BSHO, self.wo[...].astype(dt))
+    return linear(cfg, o_BSHO, self.wo[...], n_in=2)
 
 
 class MHA(nnx.Module):
@@ -173,11 +173,9 @@ class MHA(nnx.Module):
     self.wo = param(rngs, (H, hd, D), ("heads", "head_dim", "embed"), std)
 
   def __call__(self, x_BSD, cos_sin, segment_ids_BS):
-    dt = x_BSD.dtype
-    q_BSHK, k_BSHK, v_BSHO = (jnp.einsum("bsd,dhk->bshk", x_BSD, w[...].astype(dt))
-                              for w in (self.wq, self.wk, self.wv))
+    q_BSHK, k_BSHK, v_BSHO = (linear(self.cfg, x_BSD, w[...]) for w in (self.wq, self.wk, self.wv))
     q_BSHK = rope.apply_rotate_half(q_BSHK, *cos_sin)
     k_BSHK = rope.apply_rotate_half(k_BSHK, *cos_sin)
     o_BSHO = dot_product_attention(q_BSHK, k_BSHK, v_BSHO, segment_ids_BS, self.cfg.softmax_scale,
                                    self.cfg.attn_impl)
-    return jnp.einsum("bsho,hod->bsd", o_BSHO, self.wo[...].astype(dt))
+    return linear(self.cfg, o_BSHO, self.wo[...], n_in=2)

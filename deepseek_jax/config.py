@@ -76,6 +76,11 @@ class ModelConfig:
   # --- numerics and init ---
   init_std: float = 0.006
   dtype: str = "bfloat16"         # compute dtype; params stay float32
+  fp8: str = "none"               # FP8 Linear GEMMs (deepseek_jax/fp8.py): "none", "blockwise" (DeepSeek-V3: 1x128
+                                  # activation / 128x128 weight tiles), "rowwise" or "tensorwise" (for comparison)
+  fp8_gemm: str = "f8"            # "f8": e4m3 operands into XLA's GEMM (cuBLASLt, sm >= 8.9); "mgpu": Pallas Hopper
+                                  # kernel, fp32 promotion in registers; "qdq": quantize-dequantize around an
+                                  # ordinary GEMM (FP8 numerics at bf16 speed, runs anywhere)
   # --- implementation ---
   moe_impl: str = "grouped"       # "grouped" (sort + grouped matmul) or "dense" (every expert on every token)
   capacity_factor: float = 0.0    # 0 = dropless; >0 = per-expert capacity ceil(cf * tokens * k / E)
@@ -93,6 +98,8 @@ class ModelConfig:
     _check_choice("model.attn_impl", self.attn_impl,
                   ("xla", "cudnn", "cudnn_padded", "splash", "splash_interpret"))
     _check_choice("model.remat", self.remat, ("none", "full", "save_dots"))
+    _check_choice("model.fp8", self.fp8, ("none", "blockwise", "rowwise", "tensorwise"))
+    _check_choice("model.fp8_gemm", self.fp8_gemm, ("f8", "mgpu", "qdq"))
     for name in ("vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "v_head_dim", "max_seq_len"):
       _check_positive(f"model.{name}", getattr(self, name))
     if self.moe_layer_freq != 1:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import fp8 as fp8_lib
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.kernels.grouped_matmul import GmmTiles, gmm
 
@@ -56,25 +57,30 @@ def swiglu(gate, up):
   return jax.nn.silu(gate) * up
 
 
-def grouped_swiglu(x_MD, sizes_E, w1_EDF, w3_EDF, w2_EFD, impl: str, tiles: GmmTiles = GmmTiles()):
-  """SwiGLU over rows sorted by expert (group e = the next sizes_E[e] rows); rows past sum(sizes) give 0."""
+def grouped_swiglu(x_MD, sizes_E, w1_EDF, w3_EDF, w2_EFD, impl: str, tiles: GmmTiles = GmmTiles(),
+                   fp8: str = "none"):
+  """SwiGLU over rows sorted by expert (group e = the next sizes_E[e] rows); rows past sum(sizes) give 0.
+  fp8: an FP8 recipe (fp8.RECIPES) for all three grouped GEMMs of each projection, or "none"."""
   dt = x_MD.dtype
   F = w1_EDF.shape[2]
+  kernel = functools.partial(gmm, impl=impl, tiles=tiles)
+  matmul = kernel if fp8 == "none" else functools.partial(fp8_lib.fp8_gmm, recipe=fp8, gmm_fn=kernel)
   if tiles.fuse_w13 and impl == "mgpu":
-    h_MH = gmm(x_MD, jnp.concatenate([w1_EDF.astype(dt), w3_EDF.astype(dt)], axis=2), sizes_E, impl, tiles)
+    h_MH = matmul(x_MD, jnp.concatenate([w1_EDF.astype(dt), w3_EDF.astype(dt)], axis=2), sizes_E)
     h_MF = swiglu(h_MH[:, :F], h_MH[:, F:])
   else:
-    h_MF = swiglu(gmm(x_MD, w1_EDF.astype(dt), sizes_E, impl, tiles),
-                  gmm(x_MD, w3_EDF.astype(dt), sizes_E, impl, tiles))
-  return gmm(h_MF, w2_EFD.astype(dt), sizes_E, impl, tiles)
+    h_MF = swiglu(matmul(x_MD, w1_EDF.astype(dt), sizes_E), matmul(x_MD, w3_EDF.astype(dt), sizes_E))
+  return matmul(h_MF, w2_EFD.astype(dt), sizes_E)
 
 
-def batched_swiglu(x_ECD, w1_EDF, w3_EDF, w2_EFD):
-  """SwiGLU of a capacity buffer [E, C, D]: one batched matmul per projection."""
+def batched_swiglu(x_ECD, w1_EDF, w3_EDF, w2_EFD, fp8: str = "none", fp8_gemm: str = "f8"):
+  """SwiGLU of a capacity buffer [E, C, D]: one batched matmul per projection (FP8 per expert if asked)."""
   dt = x_ECD.dtype
-  h_ECF = swiglu(jnp.einsum("ecd,edf->ecf", x_ECD, w1_EDF.astype(dt)),
-                 jnp.einsum("ecd,edf->ecf", x_ECD, w3_EDF.astype(dt)))
-  return jnp.einsum("ecf,efd->ecd", h_ECF, w2_EFD.astype(dt))
+  if fp8 == "none":
+    matmul = lambda x, w: jnp.einsum("ecd,edf->ecf", x, w.astype(dt))
+  else:
+    matmul = jax.vmap(lambda x, w: fp8_lib.fp8_dot(x, w.astype(dt), fp8, fp8_gemm))
+  return matmul(swiglu(matmul(x_ECD, w1_EDF), matmul(x_ECD, w3_EDF)), w2_EFD)
 
 
 def dense_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD):
@@ -135,12 +141,13 @@ def weighted_sum_k(y_TkD, w_Tk):
 
 # Single-device routed experts -------------------------------------------------------------------------------
 
-def dropless_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, impl: str, tiles: GmmTiles = GmmTiles()):
+def dropless_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, impl: str, tiles: GmmTiles = GmmTiles(),
+                     fp8: str = "none"):
   """Sort the T*k assignments by expert, grouped SwiGLU, unsort, weighted sum over k. Nothing dropped."""
   T, k = idx_Tk.shape
   s = sort_by_expert(idx_Tk, w1_EDF.shape[0])
   x_MD = gather_assignments(x_TD, s.order_M, s.inverse_M, k)
-  y_MD = grouped_swiglu(x_MD, s.group_sizes_E, w1_EDF, w3_EDF, w2_EFD, impl, tiles)
+  y_MD = grouped_swiglu(x_MD, s.group_sizes_E, w1_EDF, w3_EDF, w2_EFD, impl, tiles, fp8)
   return weighted_sum_k(permute_rows(y_MD, s.inverse_M, s.order_M).reshape(T, k, -1), w_Tk)
 
 
@@ -155,7 +162,7 @@ def capacity_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, cfg: ModelConfi
   slot_M = jnp.where(keep_M, s.rank_M, C)          # C = out of range -> dropped by mode="drop"
   buf_ECD = jnp.zeros((E, C, x_TD.shape[1]), x_TD.dtype)
   buf_ECD = buf_ECD.at[s.expert_M, slot_M].set(gather_assignments(x_TD, s.order_M, s.inverse_M, k), mode="drop")
-  out_ECD = batched_swiglu(buf_ECD, w1_EDF, w3_EDF, w2_EFD)
+  out_ECD = batched_swiglu(buf_ECD, w1_EDF, w3_EDF, w2_EFD, cfg.fp8, cfg.fp8_gemm)
   y_MD = out_ECD.at[s.expert_M, slot_M].get(mode="fill", fill_value=0)
   y_TkD = permute_rows(y_MD, s.inverse_M, s.order_M).reshape(T, k, -1)
   return weighted_sum_k(y_TkD, w_Tk), jnp.sum(~keep_M).astype(jnp.int32)

@@ -1,4 +1,4 @@
-"""Small building blocks: parameter creation with logical axes, RMSNorm, SwiGLU MLP.
+"""Small building blocks: parameter creation with logical axes, Linear projections, RMSNorm, SwiGLU MLP.
 
 Kernels are stored [in, out] (x @ W), in float32; compute casts them to the activation dtype at use.
 Every parameter carries its logical axis names as the `axes` metadata; `sharding/rules.py` maps them to
@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_jax import fp8
 from deepseek_jax.config import ModelConfig
 
 
@@ -32,6 +33,12 @@ def dtype_of(cfg: ModelConfig):
   return jnp.dtype(cfg.dtype)
 
 
+def linear(cfg: ModelConfig, x, w, n_in: int = 1):
+  """A Linear layer in x's dtype: x's last `n_in` dims contracted with w's first `n_in` dims. With
+  cfg.fp8 set, its forward and both backward GEMMs run in FP8 (fp8.project)."""
+  return fp8.project(x, w, n_in, cfg.fp8, cfg.fp8_gemm)
+
+
 class RMSNorm(nnx.Module):
   """w * x / sqrt(mean(x^2) + eps); the statistics in float32, as HF and the reference do."""
 
@@ -49,12 +56,12 @@ class MLP(nnx.Module):
   """SwiGLU FFN: w2(silu(w1 x) * w3 x). Used for dense layers and for the shared experts."""
 
   def __init__(self, cfg: ModelConfig, hidden: int, *, rngs: nnx.Rngs):
+    self.cfg = cfg
     self.w1 = param(rngs, (cfg.dim, hidden), ("embed", "mlp"), cfg.init_std)   # gate_proj
     self.w3 = param(rngs, (cfg.dim, hidden), ("embed", "mlp"), cfg.init_std)   # up_proj
     self.w2 = param(rngs, (hidden, cfg.dim), ("mlp", "embed"), cfg.init_std)   # down_proj
 
   def __call__(self, x_BSD):
-    dt = x_BSD.dtype
-    gate_BSF = x_BSD @ self.w1[...].astype(dt)
-    up_BSF = x_BSD @ self.w3[...].astype(dt)
-    return (jax.nn.silu(gate_BSF) * up_BSF) @ self.w2[...].astype(dt)
+    gate_BSF = linear(self.cfg, x_BSD, self.w1[...])
+    up_BSF = linear(self.cfg, x_BSD, self.w3[...])
+    return linear(self.cfg, jax.nn.silu(gate_BSF) * up_BSF, self.w2[...])

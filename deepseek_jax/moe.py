@@ -71,7 +71,7 @@ def routed_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, cfg: ModelConfig)
     return expert_parallel.routed_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, cfg, impl, mesh)
   if cfg.capacity_factor > 0:
     return experts.capacity_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, cfg)
-  y_TD = experts.dropless_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, impl, cfg.gmm_tiles)
+  y_TD = experts.dropless_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, impl, cfg.gmm_tiles, cfg.fp8)
   return y_TD, no_drops
 
 

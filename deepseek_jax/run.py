@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deepseek_jax import fp8
 from deepseek_jax import model as model_lib
 from deepseek_jax import trainer
 from deepseek_jax.config import Config, ConfigError
@@ -34,6 +35,7 @@ def resolve_config(cfg: Config) -> Config:
   m = cfg.model
   try:
     impl = resolve_impl(m.gmm_impl, jnp.dtype(m.dtype), m.dim, m.moe_inter_dim)
+    fp8.check_devices(m.fp8, m.fp8_gemm, jax.devices())
   except ValueError as e:
     raise ConfigError(str(e)) from None
   return dataclasses.replace(cfg, model=dataclasses.replace(m, gmm_impl=impl))

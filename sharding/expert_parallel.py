@@ -117,15 +117,15 @@ def routed_experts(x_TD, idx_Tk, w_Tk, w1_EDF, w3_EDF, w2_EFD, cfg: ModelConfig,
     w1_eDF, w3_eDF, w2_eFD = (_vary(w, lay.w_only_axes) for w in (w1_eDF, w3_eDF, w2_eFD))
     x_TD, w_Tk = _vary(x_TD, lay.x_only_axes), _vary(w_Tk, lay.x_only_axes)
     if lay.n_shards == 1 and cfg.capacity_factor <= 0:   # no expert axis to cross: experts on local tokens
-      y_TD = experts.dropless_experts(x_TD, idx_Tk, w_Tk, w1_eDF, w3_eDF, w2_eFD, impl, cfg.gmm_tiles)
+      y_TD = experts.dropless_experts(x_TD, idx_Tk, w_Tk, w1_eDF, w3_eDF, w2_eFD, impl, cfg.gmm_tiles, cfg.fp8)
       y_TD = jax.lax.psum(y_TD, lay.mlp_axes) if lay.mlp_axes else y_TD
       return y_TD, jnp.zeros((), jnp.int32)
     plan = _plan(idx_Tk, w1_eDF.shape[0] * lay.n_shards, lay.n_shards, cfg)
     recv_PcD, recv_ids_Pc = _dispatch(x_TD, plan, lay, send_ids=cfg.capacity_factor <= 0)
     if cfg.capacity_factor > 0:
-      out_PcD = _capacity_experts(recv_PcD, w1_eDF, w3_eDF, w2_eFD)
+      out_PcD = _capacity_experts(recv_PcD, w1_eDF, w3_eDF, w2_eFD, cfg)
     else:
-      out_PcD = _dropless_experts(recv_PcD, recv_ids_Pc, w1_eDF, w3_eDF, w2_eFD, impl, cfg.gmm_tiles)
+      out_PcD = _dropless_experts(recv_PcD, recv_ids_Pc, w1_eDF, w3_eDF, w2_eFD, impl, cfg)
     y_TD = _combine(out_PcD, plan, w_Tk, lay)
     if lay.mlp_axes:
       y_TD = jax.lax.psum(y_TD, lay.mlp_axes)   # each tensor shard summed over its F slice only
@@ -221,7 +221,7 @@ def _gather_embed(w1_eDF, w3_eDF, w2_eFD, lay: Layout):
   return gather(w1_eDF, 1), gather(w3_eDF, 1), gather(w2_eFD, 2)
 
 
-def _dropless_experts(recv_PcD, ids_Pc, w1_eDF, w3_eDF, w2_eFD, impl: str, tiles):
+def _dropless_experts(recv_PcD, ids_Pc, w1_eDF, w3_eDF, w2_eFD, impl: str, cfg: ModelConfig):
   """Re-sort the received rows by local expert, grouped SwiGLU, and put them back in received order.
 
   Empty rows (id E_l) sort last and are counted into the last expert's group, so the groups cover every
@@ -231,17 +231,17 @@ def _dropless_experts(recv_PcD, ids_Pc, w1_eDF, w3_eDF, w2_eFD, impl: str, tiles
   s = experts.sort_by_expert(ids_Pc.reshape(-1, 1), E_l + 1)
   sizes_e = s.group_sizes_E[:E_l].at[E_l - 1].add(s.group_sizes_E[E_l])
   x_RD = experts.permute_rows(recv_PcD.reshape(n_src * cap, D), s.order_M, s.inverse_M)
-  y_RD = experts.grouped_swiglu(x_RD, sizes_e, w1_eDF, w3_eDF, w2_eFD, impl, tiles)
+  y_RD = experts.grouped_swiglu(x_RD, sizes_e, w1_eDF, w3_eDF, w2_eFD, impl, cfg.gmm_tiles, cfg.fp8)
   return experts.permute_rows(y_RD, s.inverse_M, s.order_M).reshape(n_src, cap, D)
 
 
-def _capacity_experts(recv_PcD, w1_eDF, w3_eDF, w2_eFD):
+def _capacity_experts(recv_PcD, w1_eDF, w3_eDF, w2_eFD, cfg: ModelConfig):
   """Rows arrive in [source, local expert, slot] order: regroup by expert, batched einsum, regroup back."""
   n_src, cap, D = recv_PcD.shape
   E_l = w1_eDF.shape[0]
   C = cap // E_l
   x_ECD = recv_PcD.reshape(n_src, E_l, C, D).transpose(1, 0, 2, 3).reshape(E_l, n_src * C, D)
-  y_ECD = experts.batched_swiglu(x_ECD, w1_eDF, w3_eDF, w2_eFD)
+  y_ECD = experts.batched_swiglu(x_ECD, w1_eDF, w3_eDF, w2_eFD, cfg.fp8, cfg.fp8_gemm)
   return y_ECD.reshape(E_l, n_src, C, D).transpose(1, 0, 2, 3).reshape(n_src, cap, D)
 
 
