@@ -196,6 +196,15 @@ def test_bad_files_are_named(checkpoints, tmp_path):
   index["weight_map"][name] = files[0].name if index["weight_map"][name] != files[0].name else files[1].name
   (bad / "model.safetensors.index.json").write_text(json.dumps(index))
   _load_error(bad, cfg, rf"^{re.escape(name)}: listed in model.safetensors.index.json under")
+  # A file cut short after its header was checked (e.g. still being copied): the read names tensor and file.
+  bad = _copy_ckpt(src, tmp_path / "cut")
+  reader = hf_load._Reader(bad, (128, 128))
+  name, t = max(reader.tensors.items(), key=lambda kv: kv[1].start)
+  with open(t.file, "r+b") as f:
+    f.truncate(t.start + 4)
+  with pytest.raises(ConversionError, match=rf"^{re.escape(name)} in .*{t.file.name}: file ends after 4 of"):
+    reader.read(name, tuple((0, n) for n in t.shape))
+  reader.close()
 
 
 def test_wrong_shape_and_architecture(checkpoints, tmp_path):
