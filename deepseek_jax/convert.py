@@ -1,8 +1,9 @@
-"""Hugging Face <-> deepseek_jax: configs, safetensors checkpoints (fp32 / bf16 / FP8 block-scaled) and a CLI.
+"""Hugging Face <-> deepseek_jax: configs, tensor names and layouts, safetensors export, and a CLI.
 
 Spec sections 1 (config fields), 3 (YaRN), 6 (MTP tensors), 7 (FP8 scales) and 8 (HF names and layouts).
 HF Linear weights are [out, in]; our kernels are [in, out]. RoPE rows load unchanged: our MLA rotates the
-original interleaved pairs, as HF V2 and HF V3 with `rope_interleave=True` do.
+original interleaved pairs, as HF V2 and HF V3 with `rope_interleave=True` do. Import (fp32 / bf16 / FP8
+block-scaled, streamed into shardings) is in hf_load.py; `load_hf_checkpoint` here is its whole-model form.
 
   python -m deepseek_jax.convert import --hf HF_DIR --out CKPT_DIR    # -> CKPT_DIR/{config.yaml, params/}
   python -m deepseek_jax.convert export --ckpt CKPT_DIR --out HF_DIR
@@ -17,7 +18,6 @@ import math
 import pathlib
 import struct
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -97,9 +97,9 @@ def _routing_fields(hf: dict[str, Any], kind: str) -> dict[str, Any]:
   if kind == "deepseek_v3":   # HF's V3 hard-codes sigmoid + noaux_tc (spec section 8, gotcha 6)
     if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
       raise ConversionError("config.json: deepseek_v3 supports only scoring_func='sigmoid', topk_method='noaux_tc'")
-    groups, limited = hf["n_group"] or 1, hf["topk_group"] or 1
+    n_groups, limited = hf["n_group"] or 1, hf["topk_group"] or 1
     return dict(score_func="sigmoid", router_bias=True, norm_topk_prob=bool(hf["norm_topk_prob"]),
-                n_expert_groups=groups, n_limited_groups=limited)
+                n_expert_groups=n_groups, n_limited_groups=limited)
   method = hf["topk_method"]
   if hf.get("scoring_func", "softmax") != "softmax" or method not in ("greedy", "group_limited_greedy"):
     raise ConversionError(f"config.json: deepseek_v2 supports scoring_func='softmax' with topk_method 'greedy' "
@@ -189,35 +189,13 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   return hf
 
 
-# Safetensors I/O -----------------------------------------------------------------------------------------
-# Read and written here directly: safetensors' numpy framework cannot produce BF16 or F8_E4M3 arrays.
+# Safetensors format ------------------------------------------------------------------------------------
+# Read (hf_load.py) and written (here) directly: safetensors' numpy framework cannot produce BF16 or F8_E4M3.
 
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-           "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
-           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
-
-
-def _read_header(path: pathlib.Path) -> tuple[int, dict[str, Any]]:
-  """(start of the data section, {name: {dtype, shape, data_offsets}}), every entry checked against the file."""
-  try:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-      (n,) = struct.unpack("<Q", f.read(8))
-      if 8 + n > size:
-        raise ValueError(f"header length {n} exceeds the file size {size}")
-      entries = {k: v for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
-    for name, e in entries.items():
-      if e["dtype"] not in _DTYPES:
-        raise ValueError(f"tensor {name} has unsupported dtype {e['dtype']}")
-      b, end = e["data_offsets"]
-      nbytes = math.prod(e["shape"]) * np.dtype(_DTYPES[e["dtype"]]).itemsize
-      if not 0 <= b <= end <= size - 8 - n or end - b != nbytes:
-        raise ValueError(f"tensor {name}: data_offsets {e['data_offsets']} outside the file or not {nbytes} bytes")
-  except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise ConversionError(f"{path}: unreadable or corrupt safetensors file ({msg})") from None
-  return 8 + n, entries
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
 def _write_safetensors(path: pathlib.Path, tensors: list[tuple[str, np.ndarray]]) -> None:
@@ -235,120 +213,54 @@ def _write_safetensors(path: pathlib.Path, tensors: list[tuple[str, np.ndarray]]
       f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)   # no extra copy
 
 
-def dequantize_fp8(w8: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = (128, 128)) -> np.ndarray:
-  """W[..., i, j] = float(W8[..., i, j]) * S[..., i // 128, j // 128] (spec section 7); ragged edge blocks allowed."""
-  rows, cols = w8.shape[-2:]
-  want = w8.shape[:-2] + (-(-rows // block[0]), -(-cols // block[1]))
-  if scale_inv.shape != want:
-    raise ValueError(f"scale shape {scale_inv.shape} does not match weight {w8.shape} (expected {want})")
-  s = np.repeat(np.repeat(scale_inv.astype(np.float32), block[0], axis=-2), block[1], axis=-1)
-  return w8.astype(np.float32) * s[..., :rows, :cols]
-
-
-class _Reader:
-  """All shards of a checkpoint directory, memory-mapped on demand: lookup, FP8 dequantization, shape checks."""
-
-  def __init__(self, directory: pathlib.Path, block: tuple[int, int]):
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-      try:
-        paths = [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-      except (ValueError, KeyError, AttributeError) as e:
-        raise ConversionError(f"{index}: unreadable index ({type(e).__name__}: {e})") from None
-    else:
-      paths = sorted(directory.glob("*.safetensors"))
-    if not paths:
-      raise ConversionError(f"{directory}: no *.safetensors files")
-    self.directory, self.block, self.used = directory, block, set()
-    self.tensors: dict[str, tuple[pathlib.Path, int, dict]] = {}   # name -> (file, data start, header entry)
-    self._maps: dict[pathlib.Path, np.memmap] = {}
-    for p in paths:
-      if not p.is_file():
-        raise ConversionError(f"{p}: listed in model.safetensors.index.json but missing")
-      start, entries = _read_header(p)
-      for name, e in entries.items():
-        if name in self.tensors:
-          raise ConversionError(f"{name}: present in both {self.tensors[name][0].name} and {p.name}")
-        self.tensors[name] = (p, start, e)
-
-  def _raw(self, name: str) -> np.ndarray:
-    path, start, e = self.tensors[name]
-    dtype, (b, end) = np.dtype(_DTYPES[e["dtype"]]), e["data_offsets"]
-    if end == b:
-      return np.zeros(e["shape"], dtype)
-    if path not in self._maps:
-      self._maps[path] = np.memmap(path, np.uint8, "r")
-    return self._maps[path][start + b:start + end].view(dtype).reshape(e["shape"])
-
-  def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """The tensor as float32 (dequantized if it has a `_scale_inv` sibling); checks its shape."""
-    if name not in self.tensors:
-      raise ConversionError(f"{name}: missing from the checkpoint in {self.directory}")
-    x, file = self._raw(name), self.tensors[name][0]
-    if x.shape != tuple(shape):
-      raise ConversionError(f"{name}: expected shape {tuple(shape)}, got {x.shape} in {file}")
-    self.used.add(name)
-    scale = name + "_scale_inv"
-    if scale in self.tensors:
-      self.used.add(scale)
-      try:
-        return dequantize_fp8(x, self._raw(scale), self.block)
-      except ValueError as e:
-        raise ConversionError(f"{scale}: {e} in {self.tensors[scale][0]}") from None
-    if x.dtype.itemsize == 1:
-      raise ConversionError(f"{name}: {x.dtype} tensor without a {scale} in {file}")
-    return x.astype(np.float32)
-
-
 # Name mapping --------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class _Group:
-  """Our leaves `paths` <-> HF tensors `names` (of HF shapes `shapes`): `load` HF -> ours, `save` ours -> HF."""
+class Group:
+  """Our leaves `paths` (of shapes `ours`) <-> HF tensors `names` (of shapes `shapes`), related by `kind`:
+
+    copy     the same array
+    linear   HF [out, in] is our kernel [in..., out...] transposed, each side flattened row-major
+    experts  per-expert HF [out, in] tensors <-> ours [E, in, out]
+    gate_up  fused HF [E, 2F, D] (gate rows first) <-> our w1, w3 [E, D, F] (transformers 5.x in memory)
+    down     fused HF [E, D, F] <-> ours [E, F, D]
+    zeros    no HF tensor (V2 has no router bias): zeros on load, nothing on save
+  """
+  kind: str
   paths: tuple[Path, ...]
   names: tuple[str, ...]
   shapes: tuple[tuple[int, ...], ...]
-  load: Callable[[list[np.ndarray]], list[np.ndarray]]
-  save: Callable[[list[np.ndarray]], list[np.ndarray]]
+  ours: tuple[tuple[int, ...], ...]
 
 
-def _copy(path: Path, name: str, shape: tuple[int, ...]) -> _Group:
-  return _Group((path,), (name,), (shape,), lambda a: a, lambda a: a)
+def _copy(path: Path, name: str, shape: tuple[int, ...]) -> Group:
+  return Group("copy", (path,), (name,), (shape,), (shape,))
 
 
-def _linear(path: Path, name: str, out: int, inp: int, our_shape: tuple[int, ...]) -> _Group:
-  """HF [out, in] <-> ours [in..., out...] (our kernel flattened row-major is the HF transpose)."""
-  return _Group((path,), (name,), ((out, inp),), lambda a: [a[0].T.reshape(our_shape)],
-                lambda a: [a[0].reshape(inp, out).T])
+def _linear(path: Path, name: str, out: int, inp: int, our_shape: tuple[int, ...]) -> Group:
+  return Group("linear", (path,), (name,), ((out, inp),), (our_shape,))
 
 
-def _stacked(path: Path, names: tuple[str, ...], out: int, inp: int) -> _Group:
-  """Per-expert HF [out, in] tensors <-> ours [E, in, out]."""
-  return _Group((path,), names, ((out, inp),) * len(names), lambda a: [np.stack([x.T for x in a])],
-                lambda a: list(a[0].transpose(0, 2, 1)))
-
-
-def _mlp(path: Path, pfx: str, hidden: int, dim: int) -> list[_Group]:
+def _mlp(path: Path, pfx: str, hidden: int, dim: int) -> list[Group]:
   return [_linear(path + ("w1",), pfx + "gate_proj.weight", hidden, dim, (dim, hidden)),
           _linear(path + ("w3",), pfx + "up_proj.weight", hidden, dim, (dim, hidden)),
           _linear(path + ("w2",), pfx + "down_proj.weight", dim, hidden, (hidden, dim))]
 
 
-def _experts(cfg: ModelConfig, path: Path, pfx: str, fused: bool) -> list[_Group]:
+def _experts(cfg: ModelConfig, path: Path, pfx: str, fused: bool) -> list[Group]:
   E, D, F = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
-  if fused:   # transformers 5.x in memory: gate_up_proj [E, 2F, D] (gate rows first), down_proj [E, D, F]
-    return [_Group((path + ("w1",), path + ("w3",)), (pfx + "gate_up_proj",), ((E, 2 * F, D),),
-                   lambda a: [a[0][:, :F].transpose(0, 2, 1), a[0][:, F:].transpose(0, 2, 1)],
-                   lambda a: [np.concatenate(a, axis=2).transpose(0, 2, 1)]),
-            _Group((path + ("w2",),), (pfx + "down_proj",), ((E, D, F),), lambda a: [a[0].transpose(0, 2, 1)],
-                   lambda a: [a[0].transpose(0, 2, 1)])]
-  def names(proj: str) -> tuple[str, ...]:
-    return tuple(f"{pfx}{j}.{proj}.weight" for j in range(E))
-  return [_stacked(path + ("w1",), names("gate_proj"), F, D), _stacked(path + ("w3",), names("up_proj"), F, D),
-          _stacked(path + ("w2",), names("down_proj"), D, F)]
+  if fused:
+    return [Group("gate_up", (path + ("w1",), path + ("w3",)), (pfx + "gate_up_proj",), ((E, 2 * F, D),),
+                  ((E, D, F),) * 2),
+            Group("down", (path + ("w2",),), (pfx + "down_proj",), ((E, D, F),), ((E, F, D),))]
+  def per_expert(w: str, proj: str, out: int, inp: int) -> Group:
+    names = tuple(f"{pfx}{j}.{proj}.weight" for j in range(E))
+    return Group("experts", (path + (w,),), names, ((out, inp),) * E, ((E, inp, out),))
+  return [per_expert("w1", "gate_proj", F, D), per_expert("w3", "up_proj", F, D),
+          per_expert("w2", "down_proj", D, F)]
 
 
-def _block(cfg: ModelConfig, path: Path, pfx: str, moe: bool, fused: bool) -> list[_Group]:
+def _block(cfg: ModelConfig, path: Path, pfx: str, moe: bool, fused: bool) -> list[Group]:
   D, H, Q, C = cfg.dim, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank
   K, R, O, X = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.qk_head_dim
   at, a = path + ("attn",), pfx + "self_attn."
@@ -371,14 +283,15 @@ def _block(cfg: ModelConfig, path: Path, pfx: str, moe: bool, fused: bool) -> li
   g.append(_linear(ft + ("gate",), m + "gate.weight", E, D, (D, E)))
   if cfg.router_bias:
     g.append(_copy(ft + ("bias",), m + "gate.e_score_correction_bias", (E,)))
-  else:   # V2 has no bias tensor: zeros on load, dropped on save
-    g.append(_Group((ft + ("bias",),), (), (), lambda a: [np.zeros((E,), np.float32)], lambda a: []))
+  else:
+    g.append(Group("zeros", (ft + ("bias",),), (), (), ((E,),)))
   if cfg.n_shared_experts:
     g += _mlp(ft + ("shared_experts",), m + "shared_experts.", cfg.n_shared_experts * cfg.moe_inter_dim, D)
   return g + _experts(cfg, ft, m + "experts.", fused)
 
 
-def _groups(cfg: ModelConfig, fused: bool) -> list[_Group]:
+def groups(cfg: ModelConfig, fused: bool) -> list[Group]:
+  """Every parameter of `cfg`'s model with the HF tensors it is made of (`fused`: fused expert tensors)."""
   if cfg.attn_type != "mla":
     raise ConversionError("only MLA models (V2/V3) map to HF tensors; attn_type='mha' is not supported")
   V, D, L = cfg.vocab_size, cfg.dim, cfg.n_layers
@@ -396,10 +309,39 @@ def _groups(cfg: ModelConfig, fused: bool) -> list[_Group]:
   return g
 
 
-def _leaf_shapes(tree: Any, prefix: Path = ()) -> dict[Path, tuple[int, ...]]:
+def _to_hf(grp: Group, ours: list[np.ndarray]) -> list[np.ndarray]:
+  """Our arrays of `grp` -> its HF tensors, in the order of `grp.names`."""
+  if grp.kind == "linear":
+    out, inp = grp.shapes[0]
+    return [ours[0].reshape(inp, out).T]
+  if grp.kind == "experts":
+    return list(ours[0].transpose(0, 2, 1))
+  if grp.kind == "gate_up":
+    return [np.concatenate(ours, axis=2).transpose(0, 2, 1)]
+  if grp.kind == "down":
+    return [ours[0].transpose(0, 2, 1)]
+  return ours if grp.kind == "copy" else []
+
+
+def flatten(tree: Any, prefix: Path = ()) -> dict[Path, Any]:
+  """Nested dict -> {path: leaf}."""
   if isinstance(tree, dict):
-    return {p: s for k, v in tree.items() for p, s in _leaf_shapes(v, prefix + (k,)).items()}
-  return {prefix: tuple(tree.shape)}
+    return {p: x for k, v in tree.items() for p, x in flatten(v, prefix + (k,)).items()}
+  return {prefix: tree}
+
+
+def unflatten(leaves: dict[Path, Any]) -> dict:
+  tree: dict = {}
+  for path, x in leaves.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = x
+  return tree
+
+
+def _leaf_shapes(tree: Any) -> dict[Path, tuple[int, ...]]:
+  return {p: tuple(x.shape) for p, x in flatten(tree).items()}
 
 
 def _check_tree(cfg: ModelConfig, tree: dict, what: str) -> None:
@@ -418,50 +360,13 @@ def _check_tree(cfg: ModelConfig, tree: dict, what: str) -> None:
 
 def load_hf_checkpoint(path: str | pathlib.Path, *, base: ModelConfig | None = None,
                        load_mtp: bool = True) -> tuple[ModelConfig, dict]:
-  """Reads a HF DeepSeek-V2/V3 checkpoint directory -> (ModelConfig, params pure dict of float32 numpy arrays).
+  """A HF checkpoint directory -> (ModelConfig, params pure dict of float32 numpy arrays); see hf_load.
 
-  The dict has the structure of `model.to_pure_dict(model.init_model(cfg))`, router biases included (zeros
-  for V2, which has none). FP8 weights are dequantized with their `weight_scale_inv` block scales. Routed
-  experts may be per-expert (`experts.{j}.gate_proj.weight`, what checkpoints and `save_pretrained` hold) or
-  fused (`experts.gate_up_proj` / `experts.down_proj`, transformers 5.x in memory).
-
-  MTP: module k is `model.layers.{n_layers + k}.*`; its duplicate `shared_head.head` / `embed_tokens` copies are
-  ignored. If config.json announces MTP layers but the checkpoint has none (transformers' `save_pretrained`
-  drops them), or `load_mtp=False`, the returned config has n_mtp_layers=0.
-  Unknown tensors, missing tensors and wrong shapes raise a one-line ConversionError.
+  The whole model is built in host memory: for sharded training use `hf_load.load_hf_params`, which streams
+  each host's shards onto its devices.
   """
-  directory = pathlib.Path(path)
-  cfg_file = directory / "config.json"
-  if not cfg_file.is_file():
-    raise ConversionError(f"{cfg_file}: not found (not a Hugging Face checkpoint directory?)")
-  try:
-    hf = json.loads(cfg_file.read_text())
-  except (OSError, ValueError) as e:
-    raise ConversionError(f"{cfg_file}: unreadable JSON ({e})") from None
-  cfg = config_from_hf(hf, base)
-  block = tuple((hf.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
-  reader = _Reader(directory, block)
-  mtp_prefixes = tuple(f"model.layers.{cfg.n_layers + k}." for k in range(cfg.n_mtp_layers))
-  ignored = {p + s for p in mtp_prefixes for s in ("shared_head.head.weight", "embed_tokens.weight")}
-  if not (load_mtp and any(n.startswith(mtp_prefixes) for n in reader.tensors)):
-    ignored |= {n for n in reader.tensors if n.startswith(mtp_prefixes)}
-    cfg = dataclasses.replace(cfg, n_mtp_layers=0)
-  fused = any(n.endswith(".mlp.experts.gate_up_proj") for n in reader.tensors)
-  params: dict = {}
-  for grp in _groups(cfg, fused):
-    arrays = grp.load([reader.get(n, s) for n, s in zip(grp.names, grp.shapes)])
-    for p, x in zip(grp.paths, arrays):
-      node = params
-      for key in p[:-1]:
-        node = node.setdefault(key, {})
-      node[p[-1]] = np.ascontiguousarray(x, dtype=np.float32)
-  unused = sorted(set(reader.tensors) - reader.used - ignored)
-  unused = [n for n in unused if not n.endswith("rotary_emb.inv_freq")]
-  if unused:
-    raise ConversionError(f"{directory}: {len(unused)} unexpected tensor(s): {', '.join(unused[:5])}"
-                          + (", ..." if len(unused) > 5 else ""))
-  _check_tree(cfg, params, str(directory))
-  return cfg, params
+  from deepseek_jax import hf_load
+  return hf_load.load_hf_checkpoint(path, base=base, load_mtp=load_mtp)
 
 
 def save_hf_checkpoint(cfg: ModelConfig, params: dict, path: str | pathlib.Path, *, fused_experts: bool = False,
@@ -482,9 +387,9 @@ def save_hf_checkpoint(cfg: ModelConfig, params: dict, path: str | pathlib.Path,
   directory.mkdir(parents=True, exist_ok=True)
   if stale := sorted(directory.glob("*.safetensors")):
     raise ConversionError(f"{directory}: already holds {stale[0].name}; refusing to mix checkpoints")
-  shards: list[list[_Group]] = [[]]
+  shards: list[list[Group]] = [[]]
   size = 0
-  for grp in _groups(cfg, fused_experts):
+  for grp in groups(cfg, fused_experts):
     nbytes = sum(math.prod(s) for s in grp.shapes) * out_dtype.itemsize
     if shards[-1] and size + nbytes > max_shard_bytes:
       shards.append([])
@@ -492,12 +397,12 @@ def save_hf_checkpoint(cfg: ModelConfig, params: dict, path: str | pathlib.Path,
     shards[-1].append(grp)
     size += nbytes
   n, weight_map, total = len(shards), {}, 0
-  for i, groups in enumerate(shards):
+  for i, shard in enumerate(shards):
     fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
     tensors = []
-    for grp in groups:
+    for grp in shard:
       ours = [np.asarray(_at(params, p), dtype=np.float32) for p in grp.paths]
-      for name, x in zip(grp.names, grp.save(ours)):
+      for name, x in zip(grp.names, _to_hf(grp, ours)):
         keep32 = name.endswith("e_score_correction_bias")
         tensors.append((name, np.ascontiguousarray(x, np.float32 if keep32 else out_dtype)))
         weight_map[name] = fname

@@ -1,6 +1,7 @@
 """deepseek_jax.convert: round trips, FP8, error messages, configs, CLI, and the big configs' parameter counts."""
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -12,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-from deepseek_jax import convert, model
+from deepseek_jax import convert, hf_load, model
 from deepseek_jax.config import ModelConfig, load_config
 from deepseek_jax.convert import ConversionError
 
@@ -118,9 +119,9 @@ def test_dequantize_fp8_matches_reference():
   for i in range(200):
     for j in range(300):
       want[i, j] = np.float32(w8[i, j]) * scale[i // 128, j // 128]
-  np.testing.assert_array_equal(convert.dequantize_fp8(w8, scale), want)
+  np.testing.assert_array_equal(hf_load.dequantize_fp8(w8, scale), want)
   with pytest.raises(ValueError, match="scale shape"):
-    convert.dequantize_fp8(w8, scale[:, :2])
+    hf_load.dequantize_fp8(w8, scale[:, :2])
 
 
 def test_fp8_checkpoint_loads_dequantized(exported, tmp_path):
@@ -131,7 +132,7 @@ def test_fp8_checkpoint_loads_dequantized(exported, tmp_path):
   for name, w in st_numpy.load_file(path / "model.safetensors").items():
     if name.endswith(".weight") and name.split(".")[-2] in FP8_PROJ:
       w8, scale = _quantize(w)
-      want[name] = convert.dequantize_fp8(w8, scale)
+      want[name] = hf_load.dequantize_fp8(w8, scale)
       atol = 0.0625 * np.abs(w) + np.kron(scale, np.ones((128, 128)))[:w.shape[0], :w.shape[1]] * 2.0**-9
       assert np.all(np.abs(want[name] - w) <= atol)     # e4m3: 3 mantissa bits
       tensors[name] = torch.from_numpy(w8.view(np.uint8)).view(torch.float8_e4m3fn)
@@ -154,6 +155,36 @@ def test_fp8_checkpoint_loads_dequantized(exported, tmp_path):
   assert sorted(again) == sorted(want)
   for name in want:
     np.testing.assert_array_equal(again[name], want[name], err_msg=name)
+
+
+def test_v2_without_shared_experts_loads(tmp_path):
+  """transformers writes zero-sized shared-expert tensors for n_shared_experts: 0; they load (as no shared
+  experts) and the logits match HF's."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  hf_cfg = transformers.DeepseekV2Config(
+      vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, kv_lora_rank=16,
+      qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, first_k_dense_replace=1, q_lora_rank=None,
+      n_shared_experts=0, topk_method="greedy", max_position_embeddings=64, attn_implementation="eager")
+  torch.manual_seed(0)
+  hf = transformers.DeepseekV2ForCausalLM(hf_cfg).float().eval()
+  hf.save_pretrained(tmp_path)
+  zero_sized = [n for n, x in st_numpy.load_file(tmp_path / "model.safetensors").items() if "shared_experts" in n]
+  assert zero_sized and all(st_numpy.load_file(tmp_path / "model.safetensors")[n].size == 0 for n in zero_sized)
+  cfg, params = convert.load_hf_checkpoint(tmp_path, base=dataclasses.replace(ModelConfig(), dtype="float32"))
+  assert cfg.n_shared_experts == 0 and "shared_experts" not in params["layers"][1]["ffn"]
+  tokens = np.random.default_rng(0).integers(0, 97, (2, 12))
+  with torch.no_grad():
+    want = hf(torch.from_numpy(tokens)).logits.numpy()
+  graphdef, p, bias = model.split_model(model.from_pure_dict(cfg, params))
+  got, _ = jax.jit(functools.partial(model.apply, graphdef, mtp=False))(p, bias, tokens)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+  # A shared-expert tensor with elements is still unexpected when the config has none.
+  tensors = st_numpy.load_file(tmp_path / "model.safetensors")
+  tensors["model.layers.1.mlp.shared_experts.up_proj.weight"] = np.ones((32, 64), np.float32)
+  st_numpy.save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+  _one_line_error(tmp_path, "1 unexpected tensor.*shared_experts.up_proj.weight")
 
 
 # Errors --------------------------------------------------------------------------------------------------

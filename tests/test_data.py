@@ -99,7 +99,7 @@ def test_long_documents_are_chunked_without_loss(tmp_path):
   docs = ["x" * 1000, "short doc", "ab", "y" * 333, "z"]
   path.write_text("\n\n".join(docs))
   cfg = DataConfig(path=str(path), seq_len=37, val_fraction=0.99)   # all but one doc held out
-  val_docs = data._splits(cfg)["val"]
+  val_docs = data._shares(cfg, 0, 1)["val"].docs
   want_targets = val_docs.num_tokens - len(val_docs)
   batches = list(data.make_dataset(cfg, batch_size=3, split="val"))
   assert sum(int(b["loss_mask"].sum()) for b in batches) == want_targets
@@ -190,6 +190,53 @@ def test_resume_with_worker_processes():
 
 
 # Sharding and splits ----------------------------------------------------------------------------------------
+
+def _texts(docs: data.TokenizedDocs) -> list[str]:
+  return [bytes(docs.tokens[docs.offsets[i]:docs.offsets[i + 1]]).decode() for i in range(len(docs))]
+
+
+@pytest.mark.parametrize("kind", ["txt", "array_record"])
+def test_each_process_reads_and_tokenizes_only_its_share(tmp_path, monkeypatch, kind):
+  path, docs = _marked_corpus(tmp_path, n_docs=40)
+  if kind == "array_record":
+    from array_record.python.array_record_module import ArrayRecordWriter
+    path = tmp_path / "marked.array_record"
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    for d in docs:
+      writer.write(d.encode())
+    writer.close()
+  tokenized, records = [], []
+  encode = data.ByteTokenizer.encode_batch
+  monkeypatch.setattr(data.ByteTokenizer, "encode_batch", lambda self, texts: tokenized.extend(texts) or
+                      encode(self, texts))
+
+  class CountingSource(data.grain.sources.ArrayRecordDataSource):
+    def __getitem__(self, i):
+      records.append(i)
+      return super().__getitem__(i)
+  monkeypatch.setattr(data.grain.sources, "ArrayRecordDataSource", CountingSource)
+  cfg = DataConfig(path=str(path), seq_len=32, val_fraction=0.2)
+  # The split contract, independent of the pipeline: 8 val documents from a fixed permutation (seed 1234).
+  val = set(np.random.default_rng(1234).permutation(40)[:8].tolist())
+  want = {"train": [d for i, d in enumerate(docs) if i not in val], "val": [d for i, d in enumerate(docs) if i in val]}
+  got = {}
+  for p, n in ((0, 2), (1, 2), (0, 1)):
+    tokenized.clear()
+    records.clear()
+    data._tokenized_share.cache_clear()
+    got[p, n] = {s: _texts(share.docs) for s, share in data._shares(cfg, p, n).items()}
+    mine = sorted(want["train"][p::n] + want["val"][p::n], key=docs.index)
+    assert tokenized == mine, "a process tokenizes its own documents and no others"
+    if kind == "array_record":
+      assert records == [docs.index(d) for d in mine], "and reads only their records"
+    assert got[p, n] == {s: want[s][p::n] for s in want}
+  assert len(got[0, 2]["train"]) == len(got[1, 2]["train"]) == 16
+  for s in ("train", "val"):   # the union of the two processes' shares is the 1-process corpus
+    assert sorted(got[0, 2][s] + got[1, 2][s]) == sorted(got[0, 1][s]) == sorted(want[s])
+  stats = data.corpus_stats(cfg, process_index=1, process_count=2)
+  assert (stats["train_docs"], stats["val_docs"], stats["tokens_of"]) == (32, 8, "process 1 of 2")
+  assert stats["train_tokens"] == sum(len(d.encode()) for d in want["train"][1::2])
+
 
 def test_processes_get_disjoint_documents(tmp_path):
   path, _ = _marked_corpus(tmp_path)
