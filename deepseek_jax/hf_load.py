@@ -299,16 +299,33 @@ def _box(index: tuple[slice, ...], shape: tuple[int, ...]) -> Box:
   return tuple(box)
 
 
-def _sharded_leaf(reader: _Reader, grp: Group, k: int, target: jax.ShapeDtypeStruct, sharding) -> jax.Array:
-  """One global array: each distinct box on this host's devices is read once (replicas share it)."""
+def _sharded_leaf(reader: _Reader, sources: list[tuple[Group, int]], target: jax.ShapeDtypeStruct, sharding,
+                  stacked: bool) -> jax.Array:
+  """One global array: each distinct box on this host's devices is read once (replicas share it). A stacked
+  leaf (scanned layers, leading layer axis) reads its layer range from one checkpoint tensor per layer."""
   done: dict[Box, np.ndarray] = {}
+
+  def read(box: Box) -> np.ndarray:
+    if not stacked:
+      grp, k = sources[0]
+      return _leaf_box(reader, grp, k, box)
+    (l0, l1), rest = box[0], box[1:]
+    return np.stack([_leaf_box(reader, *sources[l], rest) for l in range(l0, l1)])
 
   def shard(index):
     box = _box(index, target.shape)
     if box not in done:
-      done[box] = np.ascontiguousarray(_leaf_box(reader, grp, k, box), target.dtype)
+      done[box] = np.ascontiguousarray(read(box), target.dtype)
     return done[box]
   return jax.make_array_from_callback(target.shape, sharding, shard, dtype=target.dtype)
+
+
+def _layer_paths(cfg: ModelConfig, path: tuple) -> list[tuple] | None:
+  """The per-layer checkpoint paths ('layers', i, ...) of a stacked leaf, in stack order; None if unstacked."""
+  from deepseek_jax import model
+  if path[0] not in model.STACKS:
+    return None
+  return [("layers", i, *path[1:]) for i in model.stack_layer_ids(cfg)[path[0]]]
 
 
 def load_hf_params(path: str | pathlib.Path, cfg: ModelConfig, param_shardings: dict, bias_shardings: dict
@@ -316,39 +333,44 @@ def load_hf_params(path: str | pathlib.Path, cfg: ModelConfig, param_shardings: 
   """A HF checkpoint -> (params, router biases): pure dicts of global jax.Arrays placed as the shardings say.
 
   `param_shardings` / `bias_shardings` are pure dicts of Shardings in the structure of
-  `nnx.to_pure_dict` of `model.split_model`'s params / bias States (e.g. from `sharding.rules.param_shardings`).
-  Each host reads from disk only the parts of tensors that its addressable devices hold. Arrays get the dtypes
-  of `model.abstract_model(cfg)`. The checkpoint's architecture must be `cfg` (MTP layers are loaded when
-  `cfg.n_mtp_layers > 0`); a difference, or any problem with the files, is a one-line ConversionError.
+  `nnx.to_pure_dict` of `model.split_model`'s params / bias States (e.g. from `sharding.rules.param_shardings`),
+  i.e. with the scanned layer stacks. Each host reads from disk only the parts of tensors that its addressable
+  devices hold. Arrays get the dtypes of `model.abstract_model(cfg)`. The checkpoint's architecture must be
+  `cfg` (MTP layers are loaded when `cfg.n_mtp_layers > 0`); a difference, or any problem with the files, is a
+  one-line ConversionError.
   """
   from deepseek_jax import model
+  from flax import nnx
   hf_cfg, reader, grps = _open(path, cfg, load_mtp=cfg.n_mtp_layers > 0)
   if diff := [f"{f.name}={getattr(hf_cfg, f.name)!r} (config: {getattr(cfg, f.name)!r})"
               for f in dataclasses.fields(cfg) if getattr(hf_cfg, f.name) != getattr(cfg, f.name)]:
     reader.close()
     raise ConversionError(f"{path}: checkpoint architecture differs: {'; '.join(diff[:4])}")
   _, abstract_params, abstract_bias = model.abstract_model(cfg)
-  targets = [flatten(model.to_pure_dict(s)) for s in (abstract_params, abstract_bias)]
+  targets = [flatten(nnx.to_pure_dict(s)) for s in (abstract_params, abstract_bias)]
+  per_layer = {p: t for s in (abstract_params, abstract_bias) for p, t in flatten(model.to_pure_dict(s, cfg)).items()}
   shardings = [flatten(param_shardings), flatten(bias_shardings)]
   for what, want, got in zip(("param_shardings", "bias_shardings"), targets, shardings):
     if bad := sorted(set(want) ^ set(got), key=str):
       raise ConversionError(f"{what}: {'no entry for' if bad[0] in want else 'unexpected entry'} {_name(bad[0])}")
     if bad := [p for p, s in got.items() if not isinstance(s, jax.sharding.Sharding)]:
       raise ConversionError(f"{what}: {_name(bad[0])} is a {type(got[bad[0]]).__name__}, not a Sharding")
-  where = {p: i for i, t in enumerate(targets) for p in t}
+  source = {}
   for grp in grps:
-    for p, ours in zip(grp.paths, grp.ours):
-      if p not in where or targets[where[p]][p].shape != ours:   # convert.groups disagrees with the model
+    for k, (p, ours) in enumerate(zip(grp.paths, grp.ours)):
+      if p not in per_layer or per_layer[p].shape != ours:   # convert.groups disagrees with the model
         raise ConversionError(f"params[{_name(p)}]: the HF mapping gives shape {ours}, the model "
-                              f"{targets[where[p]][p].shape if p in where else 'has no such parameter'}")
+                              f"{per_layer[p].shape if p in per_layer else 'has no such parameter'}")
+      source[p] = (grp, k)
   out: tuple[dict, dict] = ({}, {})
   try:
-    for grp in grps:
-      for k, p in enumerate(grp.paths):
-        i = where[p]
-        out[i][p] = _sharded_leaf(reader, grp, k, targets[i][p], shardings[i][p])
+    for i, target in enumerate(targets):
+      for p, t in target.items():
+        layer_paths = _layer_paths(cfg, p)
+        if missing := [q for q in (layer_paths or [p]) if q not in source]:
+          raise ConversionError(f"params[{_name(missing[0])}]: not in the HF mapping")
+        sources = [source[q] for q in (layer_paths or [p])]
+        out[i][p] = _sharded_leaf(reader, sources, t, shardings[i][p], stacked=layer_paths is not None)
   finally:
     reader.close()
-  if missing := sorted(set(where) - set(out[0]) - set(out[1]), key=str):
-    raise ConversionError(f"params[{_name(missing[0])}]: not in the HF mapping")
   return unflatten(out[0]), unflatten(out[1])

@@ -213,11 +213,14 @@ def count_params(params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-def to_pure_dict(model_or_state) -> dict:
+def to_pure_dict(model_or_state, cfg: ModelConfig | None = None) -> dict:
   """Nested dict of arrays (params and router biases together) in the per-layer layout ('layers': {i: ...}),
-  e.g. for conversion and export."""
-  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
-  return unstack_layers(nnx.to_pure_dict(state))
+  e.g. for conversion and export. A State needs its model's `cfg` (to number the layers)."""
+  if isinstance(model_or_state, nnx.State):
+    if cfg is None:
+      raise TypeError("to_pure_dict(state) needs the model config to number the layers")
+    return unstack_layers(cfg, nnx.to_pure_dict(model_or_state))
+  return unstack_layers(model_or_state.cfg, nnx.to_pure_dict(nnx.state(model_or_state)))
 
 
 def from_pure_dict(cfg: ModelConfig, tree: dict) -> Transformer:
@@ -239,23 +242,27 @@ def _stack_leaves(*xs):
   return (np.stack if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack)(xs)
 
 
-def unstack_layers(tree: dict) -> dict:
+def stack_layer_ids(cfg: ModelConfig) -> dict[str, list[int]]:
+  """The model layers each stack holds, in order."""
+  moe = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+  return {"dense_layers": [i for i in range(cfg.n_layers) if i not in moe], "moe_layers": moe}
+
+
+def unstack_layers(cfg: ModelConfig, tree: dict) -> dict:
   """Scanned layout (dense_layers / moe_layers with a leading layer axis) -> 'layers': {i: block tree}."""
   tree, layers = dict(tree), {}
-  for name in STACKS:
+  for name, ids in stack_layer_ids(cfg).items():
     stack = tree.pop(name, None)
     if stack:
-      n = jax.tree.leaves(stack)[0].shape[0]
-      layers.update({len(layers) + i: jax.tree.map(lambda x, i=i: _layer(x, i), stack) for i in range(n)})
-  return {**tree, "layers": layers}
+      layers.update({i: jax.tree.map(lambda x, j=j: _layer(x, j), stack) for j, i in enumerate(ids)})
+  return {**tree, "layers": dict(sorted(layers.items()))}
 
 
 def stack_layers(cfg: ModelConfig, tree: dict) -> dict:
   """'layers': {i: block tree} -> the scanned layout (numpy stays numpy: nothing moves to a device)."""
   tree = dict(tree)
   layers = tree.pop("layers")
-  for name, pick in zip(STACKS, (lambda i: not cfg.is_moe_layer(i), cfg.is_moe_layer)):
-    idx = [i for i in range(cfg.n_layers) if pick(i)]
-    if idx:
-      tree[name] = jax.tree.map(_stack_leaves, *(layers[i] for i in idx))
+  for name, ids in stack_layer_ids(cfg).items():
+    if ids and all(i in layers for i in ids):
+      tree[name] = jax.tree.map(_stack_leaves, *(layers[i] for i in ids))
   return tree

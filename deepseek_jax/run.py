@@ -94,15 +94,10 @@ class Run:
     return trainer.TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), bias)
 
   def _state_from_hf(self, path: str) -> trainer.TrainState:
-    """Parameters and router biases from a Hugging Face checkpoint; fresh optimizer state."""
-    from deepseek_jax.convert import load_hf_checkpoint
-    hf_cfg, tree = load_hf_checkpoint(path, base=self.cfg.model, load_mtp=self.cfg.model.n_mtp_layers > 0)
-    if diff := [f"{f.name}={getattr(hf_cfg, f.name)!r} (config: {getattr(self.cfg.model, f.name)!r})"
-                for f in dataclasses.fields(hf_cfg) if getattr(hf_cfg, f.name) != getattr(self.cfg.model, f.name)]:
-      raise ConfigError(f"train.init_from={path}: checkpoint architecture differs: {'; '.join(diff[:4])}")
-    _, params, bias = model_lib.split_model(model_lib.from_pure_dict(self.cfg.model, tree))
-    params = jax.device_put(nnx.to_pure_dict(params), self.state_sh.params)
-    bias = jax.device_put(nnx.to_pure_dict(bias), self.state_sh.bias)
+    """Parameters and router biases streamed from a Hugging Face checkpoint into their shardings (each host
+    reads only what its devices hold); fresh optimizer state."""
+    from deepseek_jax.hf_load import load_hf_params
+    params, bias = load_hf_params(path, self.cfg.model, self.state_sh.params, self.state_sh.bias)
     with jax.set_mesh(self.mesh):
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), self.state_sh.step)

@@ -80,6 +80,7 @@ def main(port: int, process_id: int, n_procs: int, ckpt: str, mode: str, out: st
     leaves = {**convert.flatten(params), **convert.flatten(bias)}
   else:
     _, full = convert.load_hf_checkpoint(ckpt, base=cfg)
+    full = model.stack_layers(cfg, full)
     shardings = {**convert.flatten(param_sh), **convert.flatten(bias_sh)}
     leaves = {p: jax.make_array_from_callback(x.shape, shardings[p], lambda i, x=x: x[i])
               for p, x in convert.flatten(full).items()}
@@ -89,7 +90,7 @@ def main(port: int, process_id: int, n_procs: int, ckpt: str, mode: str, out: st
                 model=sum(4 * int(np.prod(a.shape)) for a in leaves.values()), read=sum(read))
   if mode == "stream":
     _, ref = convert.load_hf_checkpoint(ckpt, base=cfg)
-    ref = convert.flatten(ref)
+    ref = convert.flatten(model.stack_layers(cfg, ref))
     result["equal"] = all(np.array_equal(np.asarray(sh.data), ref[p][sh.index])
                           for p, a in leaves.items() for sh in a.addressable_shards)
   pathlib.Path(out).write_text(json.dumps(result))

@@ -349,7 +349,7 @@ def test_big_config_param_counts(name, billions, with_mtp):
   cfg = load_config(ROOT / "configs" / f"{name}.yaml").model
   _, params, bias = model.abstract_model(cfg)
   n = model.count_params(params)
-  main = {k: v for k, v in model.to_pure_dict(params).items() if k != "mtp"}
+  main = {k: v for k, v in model.to_pure_dict(params, cfg).items() if k != "mtp"}
   assert n == _expected_params(cfg, mtp=True)
   assert model.count_params(main) == _expected_params(cfg, mtp=False)
   assert round(n / 1e9, 2) == with_mtp

@@ -102,7 +102,7 @@ def test_make_mesh_rejects_bad_sizes(cfg, message):
     (dict(data=2, expert=3), 8, [], r"the expert axes \(3\) do not divide n_routed_experts=8"),
     (dict(tensor=8), 8, [], r"the head axes \(8\) do not divide n_heads=4"),
     (dict(data=4, expert=2), 4, [], r"\(8 shards\) do not divide batch_size=4"),
-    (dict(tensor=2), 8, ["model.inter_dim=99"], r"param \['layers'\]\[0\]\['ffn'\]\['w1'\] \(128, 99\): dim 1 "
+    (dict(tensor=2), 8, ["model.inter_dim=99"], r"param \['dense_layers'\]\['ffn'\]\['w1'\] \(1, 128, 99\): dim 2 "
                                                  r"\(mlp\) of size 99 is not divisible by mesh axes \('tensor',\)"),
 ])
 def test_validate_mesh_for_model_rejects(mesh_kw, batch, overrides, message):
