@@ -88,6 +88,8 @@ class ModelConfig:
   gmm_tiles: GmmTiles = dataclasses.field(default_factory=GmmTiles)
   attn_impl: str = "xla"          # "xla", "cudnn" / "cudnn_padded" (GPU), "splash" (TPU), "splash_interpret" (tests)
   remat: str = "none"             # "none", "full", "save_dots" (see model.REMAT_POLICIES)
+  scan_layers: bool = True        # lax.scan over each layer stack (compile time flat in depth); False unrolls the
+                                  # same stacked parameters (faster on one GPU without remat: scan keeps more buffers)
 
   def __post_init__(self):
     _check_choice("model.attn_type", self.attn_type, ("mla", "mha"))

@@ -128,7 +128,14 @@ class Transformer(nnx.Module):
       h, st = self._run_block(nnx.merge(graphdef, state_l), h, cos_sin, segment_ids, token_mask)
       return h, st if st is not None else {}
 
-    h_BSD, stats = jax.lax.scan(body, h_BSD, state)
+    if self.cfg.scan_layers:
+      h_BSD, stats = jax.lax.scan(body, h_BSD, state)
+    else:   # unrolled over static slices of the same stacked parameters (XLA reuses buffers across layers)
+      per_layer = []
+      for i in range(jax.tree.leaves(state)[0].shape[0]):
+        h_BSD, st = body(h_BSD, jax.tree.map(lambda x, i=i: x[i], state))
+        per_layer.append(st)
+      stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
     return h_BSD, stats or None
 
   def blocks(self):
