@@ -242,13 +242,13 @@ def _mtp_input(model: Transformer, module: MTPModule, h_BSD, next_tokens_BS):
 
 def mtp_prefill(model: Transformer, h_BPD, next_tokens_BP, cache: LayerCache):
   """MTP module 1 over the prompt: position i combines the main hidden h_i with token i+1.
-  -> (MTP logits [B,P,V] predicting token i+2, cache)."""
+  -> (MTP hidden [B,P,D], normed: `logits` of it predict token i+2; cache)."""
   module = model.mtp[0]
   B, P = next_tokens_BP.shape
   cos_sin = rope.cos_sin(model.cfg, _positions(jnp.zeros((B,), jnp.int32), P))
   x_BSD = _mtp_input(model, module, h_BPD, next_tokens_BP)
   h_BSD, cache = _block(module.block, x_BSD, _prefill_attend(cos_sin, attention_mask(None, P), cache))
-  return model._logits(module.norm(h_BSD)), cache
+  return module.norm(h_BSD), cache
 
 
 def mtp_step(model: Transformer, h_BSD, next_tokens_BS, start_B, cache: LayerCache):

@@ -67,8 +67,8 @@ def generate_tokens(model: model_lib.Transformer, prompt_BP, lens_B, key, *, sam
     # MTP over the prompt: position i sees h_i and token i+1; the last one sees the first generated token.
     next_BP = jnp.roll(prompt_BP, -1, axis=1).at[jnp.arange(B), lens_B - 1].set(first_B)
     mtp_cache = decode.init_cache(model.cfg, B, T, 1)[0]
-    mtp_BPV, mtp_cache = decode.mtp_prefill(model, h_BPD, next_BP, mtp_cache)
-    q_logits_BV = mtp_BPV[jnp.arange(B), lens_B - 1]
+    mtp_BPD, mtp_cache = decode.mtp_prefill(model, h_BPD, next_BP, mtp_cache)
+    q_logits_BV = decode.logits(model, mtp_BPD[jnp.arange(B), lens_B - 1][:, None])[:, 0]
     state.update(mtp_cache=mtp_cache, draft_B=sampling.sample(k_draft, q_logits_BV, sampling_cfg))
     if not sampling_cfg.greedy:
       state.update(q_BV=sampling.probs(q_logits_BV, sampling_cfg))
@@ -148,12 +148,13 @@ class Generator:
     self.mesh = mesh
     self.graphdef, params, bias = model_lib.split_model(model_lib.from_pure_dict(self.cfg, tree))
     dt = jnp.dtype(self.cfg.dtype)
-    cast = lambda path, x: x if _is_router_gate(path) else jnp.asarray(x, dt)
-    self.params = jax.tree_util.tree_map_with_path(cast, nnx.to_pure_dict(params))
-    self.bias = nnx.to_pure_dict(bias)
-    if mesh is not None:
-      self.params = jax.device_put(self.params, nnx.to_pure_dict(rules.param_shardings(params, mesh)))
-      self.bias = jax.device_put(self.bias, nnx.to_pure_dict(rules.param_shardings(bias, mesh)))
+    cast = lambda path, x: x if _is_router_gate(path) else x.astype(dt)   # numpy input: cast on the host
+    host_params = jax.tree_util.tree_map_with_path(cast, nnx.to_pure_dict(params))
+    if mesh is None:
+      self.params, self.bias = jax.device_put((host_params, nnx.to_pure_dict(bias)))
+    else:
+      self.params = jax.device_put(host_params, nnx.to_pure_dict(rules.param_shardings(params, mesh)))
+      self.bias = jax.device_put(nnx.to_pure_dict(bias), nnx.to_pure_dict(rules.param_shardings(bias, mesh)))
     self._run = jax.jit(self._generate, static_argnames=("sampling_cfg", "max_new", "speculative"))
 
   def _generate(self, params, bias, prompt_BP, lens_B, key, eos_id, **static) -> Generated:

@@ -52,7 +52,8 @@ def parts(name: str):
 def _prefill(graphdef, params, bias, tokens_BP, caches, mtp_cache, next_BP):
   model = nnx.merge(graphdef, params, bias)
   h_BPD, caches = decode.prefill(model, tokens_BP, caches)
-  mtp_logits, mtp_cache = (decode.mtp_prefill(model, h_BPD, next_BP, mtp_cache) if model.mtp else (None, None))
+  mtp_h, mtp_cache = (decode.mtp_prefill(model, h_BPD, next_BP, mtp_cache) if model.mtp else (None, None))
+  mtp_logits = decode.logits(model, mtp_h) if model.mtp else None
   return decode.logits(model, h_BPD), h_BPD, caches, mtp_logits, mtp_cache
 
 
