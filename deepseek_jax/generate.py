@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import decode, sampling
 from deepseek_jax import model as model_lib
-from deepseek_jax.config import Config, ConfigError, ModelConfig, from_dict
+from deepseek_jax.config import Config, ModelConfig, from_dict
 from deepseek_jax.sampling import SamplingConfig
 from sharding import rules
 
@@ -42,7 +42,7 @@ PAD = -1   # in `Generated.tokens_BN` after a sequence has stopped
 
 
 class Generated(NamedTuple):
-  tokens_BN: jax.Array   # int32 [B, max_new_tokens]; PAD after the sequence stopped
+  tokens_BN: jax.Array   # int32 [B, capacity]; PAD after the sequence stopped
   n_B: jax.Array         # tokens generated per sequence (its EOS included)
   steps: jax.Array       # decode-loop iterations (main-model calls after the prefill)
   drafted: jax.Array     # speculative: drafts verified (live sequences x steps); 0 otherwise
@@ -50,18 +50,20 @@ class Generated(NamedTuple):
 
 
 def generate_tokens(model: model_lib.Transformer, prompt_BP, lens_B, key, *, sampling_cfg: SamplingConfig,
-                    max_new: int, eos_id, speculative: bool) -> Generated:
-  """Pure: prompts right-padded to P, `lens_B` their lengths (>= 1); eos_id an int32 scalar, < 0 = no EOS."""
+                    capacity: int, n_new, eos_id, speculative: bool) -> Generated:
+  """Pure: prompts right-padded to P, `lens_B` their lengths (>= 1). Generates at most `n_new` (traced, <=
+  the static `capacity`, which sizes the cache and the output) tokens per sequence; `eos_id` (traced) < 0 = none.
+  """
   B, P = prompt_BP.shape
-  T = P + max_new                                     # the last token fed sits at slot <= P + max_new - 1
+  T = P + capacity                                    # the last token fed sits at slot <= P + capacity - 1
   n_layers = model.cfg.n_layers
   h_BPD, caches = decode.prefill(model, prompt_BP, decode.init_cache(model.cfg, B, T, n_layers))
   h_last_B1D = h_BPD[jnp.arange(B), lens_B - 1][:, None]
   k_first, k_draft, key = jax.random.split(key, 3)   # the loop's step i uses fold_in(key, i)
   first_B = sampling.sample(k_first, decode.logits(model, h_last_B1D)[:, 0], sampling_cfg)
   state = dict(i=jnp.int32(0), caches=caches, tok_B=first_B, pos_B=lens_B.astype(jnp.int32),
-               n_B=jnp.ones((B,), jnp.int32), done_B=(first_B == eos_id) | (max_new <= 1),
-               out_BN=jnp.full((B, max_new), PAD, jnp.int32).at[:, 0].set(first_B),
+               n_B=jnp.ones((B,), jnp.int32), done_B=(first_B == eos_id) | (n_new <= 1),
+               out_BN=jnp.full((B, capacity), PAD, jnp.int32).at[:, 0].set(first_B),
                drafted=jnp.int32(0), accepted=jnp.int32(0))
   if speculative:
     # MTP over the prompt: position i sees h_i and token i+1; the last one sees the first generated token.
@@ -73,30 +75,29 @@ def generate_tokens(model: model_lib.Transformer, prompt_BP, lens_B, key, *, sam
     if not sampling_cfg.greedy:
       state.update(q_BV=sampling.probs(q_logits_BV, sampling_cfg))
   body = _speculative_step if speculative else _plain_step
-  body = functools.partial(body, model, key=key, cfg=sampling_cfg, max_new=max_new, eos_id=eos_id)
-  state = jax.lax.while_loop(lambda s: (s["i"] < max_new) & ~jnp.all(s["done_B"]), body, state)
+  body = functools.partial(body, model, key=key, cfg=sampling_cfg, n_new=n_new, eos_id=eos_id)
+  state = jax.lax.while_loop(lambda s: (s["i"] < n_new) & ~jnp.all(s["done_B"]), body, state)
   return Generated(state["out_BN"], state["n_B"], state["i"], state["drafted"], state["accepted"])
 
 
-def _emit(state, live_B, tok_B, offset_B):
-  """out[b, n_b + offset_b] = tok_b where live (indices past the end are dropped)."""
-  B, N = state["out_BN"].shape
-  idx_B = jnp.where(live_B, state["n_B"] + offset_B, N)
-  return state["out_BN"].at[jnp.arange(B), idx_B].set(tok_B, mode="drop")
+def _emit(out_BN, idx_B, live_B, tok_B):
+  """out[b, idx_b] = tok_b where live (indices past the end are dropped)."""
+  B, N = out_BN.shape
+  return out_BN.at[jnp.arange(B), jnp.where(live_B, idx_B, N)].set(tok_B, mode="drop")
 
 
-def _plain_step(model, state, *, key, cfg, max_new, eos_id):
+def _plain_step(model, state, *, key, cfg, n_new, eos_id):
   """Feed the pending token, sample the next one."""
   h_B1D, caches = decode.step(model, state["tok_B"][:, None], state["pos_B"], state["caches"])
   tok_B = sampling.sample(jax.random.fold_in(key, state["i"] + 1), decode.logits(model, h_B1D)[:, 0], cfg)
   live_B = ~state["done_B"]
   n_B = state["n_B"] + live_B
-  done_B = state["done_B"] | (live_B & ((tok_B == eos_id) | (n_B >= max_new)))
+  done_B = state["done_B"] | (live_B & ((tok_B == eos_id) | (n_B >= n_new)))
   return dict(state, i=state["i"] + 1, caches=caches, tok_B=tok_B, pos_B=state["pos_B"] + live_B, n_B=n_B,
-              done_B=done_B, out_BN=_emit(state, live_B, tok_B, 0))
+              done_B=done_B, out_BN=_emit(state["out_BN"], state["n_B"], live_B, tok_B))
 
 
-def _speculative_step(model, state, *, key, cfg, max_new, eos_id):
+def _speculative_step(model, state, *, key, cfg, n_new, eos_id):
   """Feed [pending token t_n, draft d] at positions n, n+1; verify d; draft again with the MTP module."""
   k_verify, k_second, k_draft = jax.random.split(jax.random.fold_in(key, state["i"] + 1), 3)
   draft_B, pos_B = state["draft_B"], state["pos_B"]
@@ -110,12 +111,13 @@ def _speculative_step(model, state, *, key, cfg, max_new, eos_id):
                                                 draft_B)
   t2_B = sampling.sample(k_second, logits_B2V[:, 1], cfg)   # the token after the draft; valid if it matched
   live_B = ~state["done_B"]
-  two_B = live_B & match_B & (t1_B != eos_id) & (state["n_B"] + 1 < max_new)
+  two_B = live_B & match_B & (t1_B != eos_id) & (state["n_B"] + 1 < n_new)
   n_new_B = live_B.astype(jnp.int32) + two_B
   last_B = jnp.where(two_B, t2_B, t1_B)
-  out_BN = _emit(dict(state, out_BN=_emit(state, live_B, t1_B, 0)), two_B, t2_B, 1)
+  out_BN = _emit(state["out_BN"], state["n_B"], live_B, t1_B)
+  out_BN = _emit(out_BN, state["n_B"] + 1, two_B, t2_B)
   n_B = state["n_B"] + n_new_B
-  done_B = state["done_B"] | (live_B & ((last_B == eos_id) | (n_B >= max_new)))
+  done_B = state["done_B"] | (live_B & ((last_B == eos_id) | (n_B >= n_new)))
   # MTP at positions n, n+1 (h_n with t1, h_{n+1} with t2); the draft comes from the last accepted position.
   mtp_B2V, mtp_cache = decode.mtp_step(model, h_B2D, jnp.stack([t1_B, t2_B], 1), pos_B, state["mtp_cache"])
   q_logits_BV = jnp.where(two_B[:, None], mtp_B2V[:, 1], mtp_B2V[:, 0])
@@ -155,11 +157,11 @@ class Generator:
     else:
       self.params = jax.device_put(host_params, nnx.to_pure_dict(rules.param_shardings(params, mesh)))
       self.bias = jax.device_put(nnx.to_pure_dict(bias), nnx.to_pure_dict(rules.param_shardings(bias, mesh)))
-    self._run = jax.jit(self._generate, static_argnames=("sampling_cfg", "max_new", "speculative"))
+    self._run = jax.jit(self._generate, static_argnames=("sampling_cfg", "capacity", "speculative"))
 
-  def _generate(self, params, bias, prompt_BP, lens_B, key, eos_id, **static) -> Generated:
+  def _generate(self, params, bias, prompt_BP, lens_B, key, n_new, eos_id, **static) -> Generated:
     model = nnx.merge(self.graphdef, params, bias)
-    return generate_tokens(model, prompt_BP, lens_B, key, eos_id=eos_id, **static)
+    return generate_tokens(model, prompt_BP, lens_B, key, n_new=n_new, eos_id=eos_id, **static)
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                sampling_cfg: SamplingConfig = SamplingConfig(), seed: int = 0, eos_id: int | None = None,
@@ -192,28 +194,36 @@ class Generator:
     return prompt_BP, np.array([len(p) for p in prompts], np.int32)
 
   def run(self, prompt_BP, lens_B, *, max_new_tokens: int, sampling_cfg: SamplingConfig, seed: int = 0,
-          eos_id: int | None = None, speculative: bool = False) -> Generated:
-    """The jitted call on prepared arrays (see `check`); returns device arrays without waiting for them."""
-    args, static = self._arguments(prompt_BP, lens_B, max_new_tokens, sampling_cfg, seed, eos_id, speculative)
+          eos_id: int | None = None, speculative: bool = False, capacity: int | None = None) -> Generated:
+    """The jitted call on prepared arrays (see `check`); returns device arrays without waiting for them.
+    One compiled program per `capacity` (default: max_new_tokens) serves every max_new_tokens <= capacity."""
+    args, static = self._arguments(prompt_BP, lens_B, max_new_tokens, sampling_cfg, seed, eos_id, speculative,
+                                   capacity)
     with self._mesh_context():
       return self._run(*args, **static)
 
   def lower(self, prompt_BP, lens_B, *, max_new_tokens: int, sampling_cfg: SamplingConfig = SamplingConfig(),
             speculative: bool = False) -> jax.stages.Lowered:
     """The lowered program of `run` (for inspection and cost analysis)."""
-    args, static = self._arguments(prompt_BP, lens_B, max_new_tokens, sampling_cfg, 0, None, speculative)
+    args, static = self._arguments(prompt_BP, lens_B, max_new_tokens, sampling_cfg, 0, None, speculative, None)
     with self._mesh_context():
       return self._run.lower(*args, **static)
 
-  def _arguments(self, prompt_BP, lens_B, max_new_tokens, sampling_cfg, seed, eos_id, speculative):
+  def _arguments(self, prompt_BP, lens_B, max_new_tokens, sampling_cfg, seed, eos_id, speculative, capacity):
+    capacity = max_new_tokens if capacity is None else capacity
+    if not 1 <= max_new_tokens <= capacity:
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, capacity={capacity}]")
     prompt_BP, lens_B = np.asarray(prompt_BP, np.int32), np.asarray(lens_B, np.int32)
     if self.mesh is not None:
       spec = rules.mesh_spec(("batch", None), self.mesh)
+      if prompt_BP.shape[0] % (n := rules.axis_size(self.mesh, spec[0])):
+        raise ValueError(f"batch of {prompt_BP.shape[0]} prompts cannot be split over the {n} batch shards of "
+                         f"the mesh {dict(zip(self.mesh.axis_names, self.mesh.axis_sizes))}")
       prompt_BP = jax.device_put(prompt_BP, NamedSharding(self.mesh, spec))
       lens_B = jax.device_put(lens_B, NamedSharding(self.mesh, P(spec[0])))
-    eos = jnp.int32(-1 if eos_id is None else eos_id)
-    static = dict(sampling_cfg=sampling_cfg, max_new=max_new_tokens, speculative=speculative)
-    return (self.params, self.bias, prompt_BP, lens_B, jax.random.key(seed), eos), static
+    traced = (jnp.int32(max_new_tokens), jnp.int32(-1 if eos_id is None else eos_id))
+    static = dict(sampling_cfg=sampling_cfg, capacity=capacity, speculative=speculative)
+    return (self.params, self.bias, prompt_BP, lens_B, jax.random.key(seed)) + traced, static
 
   def _mesh_context(self):
     return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
@@ -305,10 +315,10 @@ def _load(args):
     model_cfg, tok, eos = cfg.model, args.tokenizer or cfg.data.tokenizer, args.eos_id
   else:
     from deepseek_jax import convert
-    model_cfg, tree = convert.load_hf_checkpoint(args.hf, base=ModelConfig(dtype=args.dtype or "bfloat16"))
     tok = args.tokenizer or str(pathlib.Path(args.hf) / "tokenizer.json")
-    if not args.tokenizer and not pathlib.Path(tok).is_file():
+    if not args.tokenizer and (pathlib.Path(args.hf) / "config.json").is_file() and not pathlib.Path(tok).is_file():
       raise ValueError(f"{args.hf} has no tokenizer.json: pass --tokenizer byte or --tokenizer PATH")
+    model_cfg, tree = convert.load_hf_checkpoint(args.hf, base=ModelConfig(dtype=args.dtype or "bfloat16"))
     eos = args.eos_id
     if eos is None:
       eos = json.loads((pathlib.Path(args.hf) / "config.json").read_text()).get("eos_token_id")

@@ -323,6 +323,12 @@ def test_eos_stops_each_sequence_and_the_loop(monkeypatch):
   want = [t[:t.index(eos) + 1] if eos in t else t for t in greedy]
   assert gen.generate(SPEC_PROMPTS, max_new_tokens=24, eos_id=eos).tokens == want
   assert gen.generate(SPEC_PROMPTS, max_new_tokens=24, eos_id=eos, speculative=True).tokens == want
+  compiled = gen._run._cache_size()
+  prompt_BP, lens_B = gen.check(SPEC_PROMPTS, 24, False)
+  short = gen.run(prompt_BP, lens_B, max_new_tokens=5, capacity=24, sampling_cfg=SamplingConfig())
+  assert [t[:n].tolist() for t, n in zip(np.asarray(short.tokens_BN), np.asarray(short.n_B))] == \
+      [t[:5] for t in greedy]
+  assert int(short.steps) == 4 and gen._run._cache_size() == compiled   # same program, fewer tokens
   traced, real_step = [], decode.step
   monkeypatch.setattr(decode, "step", lambda *a: traced.append(1) or real_step(*a))
   alone = gen.generate(SPEC_PROMPTS[:1], max_new_tokens=24, eos_id=eos)   # a new shape: traced afresh
