@@ -10,9 +10,9 @@ Prompts are the same random tokens on both sides; EOS is off (every run makes ex
   PYTHONPATH=. python3 bench/decode.py --out bench/results/h100-decode.json      # H100 (~10 min)
   PYTHONPATH=. python3 bench/decode.py --smoke                                    # CPU smoke, < 60 s
 
-Timing: each (batch, system) runs once to compile / warm up, then `--reps` times; the fastest repetition. A run of 256 tokens
-and a run of 1 token (prefill + first token; ours reuses the same compiled program, see Generator.run's
-`capacity`) give decode ms/token = (t_256 - t_1) / 255 and end-to-end tokens/s = B * 256 / t_256.
+Timing: each (batch, system) runs once to compile / warm up, then `--reps` times; the fastest repetition.
+A run of 256 tokens and a run of 1 token (prefill + first token; ours reuses the same compiled program, see
+Generator.run's `capacity`) give decode ms/token = (t_256 - t_1) / 255 and end-to-end tokens/s = B * 256 / t_256.
 
 Roofline: HBM bytes one decode step reads / step time / bandwidth (3.35 TB/s, H100 SXM). Bytes = the weights the
 step touches (bf16; routed experts counted as the expected number of distinct experts hit by B tokens under
@@ -324,9 +324,10 @@ def summarize(results: dict) -> str:
   for name in sorted(ours.keys() | hf.keys(), key=lambda n: int(n[1:])):
     o, h = ours.get(name, {}), hf.get(name, {})
     ratio = o["tokens_per_s"] / h["tokens_per_s"] if o.get("tokens_per_s") and h.get("tokens_per_s") else None
-    lines.append(f"{name[1:]:>6} {o.get('tokens_per_s', float('nan')):11.1f} {h.get('tokens_per_s', float('nan')):9.1f} "
-                 f"{ratio or float('nan'):6.2f} {o.get('ms_per_step', float('nan')):12.2f} "
-                 f"{h.get('ms_per_token', float('nan')):10.2f} {o.get('roofline_fraction', float('nan')):9.1%} "
+    nan = float("nan")
+    lines.append(f"{name[1:]:>6} {o.get('tokens_per_s', nan):11.1f} {h.get('tokens_per_s', nan):9.1f} "
+                 f"{ratio or nan:6.2f} {o.get('ms_per_step', nan):12.2f} "
+                 f"{h.get('ms_per_token', nan):10.2f} {o.get('roofline_fraction', nan):9.1%} "
                  f"{gib(o.get('peak_bytes')):>14} {gib(h.get('peak_bytes')):>12} {mib(o.get('cache_bytes')):>15} "
                  f"{mib(h.get('cache_bytes')):>13}")
   for name, row in (results.get("ours", {}).get("mtp") or {}).items():

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax import rope
-from deepseek_jax.attention import MHA, MLA, attention_mask, dot_product_attention
+from deepseek_jax.attention import MHA, MLA, dot_product_attention
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import dtype_of
 from deepseek_jax.model import Block, MTPModule, Transformer
@@ -104,7 +104,7 @@ def _mla_latent(mla: MLA, x_BSD, cos_sin):
   return mla.kv_norm(kv_BSX[..., :C]), k_rope_BSR
 
 
-def mla_prefill(mla: MLA, x_BSD, cos_sin, mask_B1ST):
+def mla_prefill(mla: MLA, x_BSD, cos_sin):
   """Naive (uncompressed) MLA over the prompt, the training math; also returns the latents to cache."""
   cfg, dt = mla.cfg, x_BSD.dtype
   K = cfg.qk_nope_head_dim
@@ -115,7 +115,7 @@ def mla_prefill(mla: MLA, x_BSD, cos_sin, mask_B1ST):
   q_BSHK = jnp.concatenate([q_nope_BSHK, q_pe_BSHR], axis=-1)
   k_rope_BSHR = jnp.broadcast_to(k_rope_BSR[:, :, None, :], q_pe_BSHR.shape)
   k_BSHK = jnp.concatenate([kv_BSHY[..., :K], k_rope_BSHR], axis=-1)
-  o_BSHO = dot_product_attention(q_BSHK, k_BSHK, kv_BSHY[..., K:], mask_B1ST, cfg.softmax_scale, cfg.attn_impl)
+  o_BSHO = dot_product_attention(q_BSHK, k_BSHK, kv_BSHY[..., K:], None, cfg.softmax_scale, cfg.attn_impl)
   return jnp.einsum("bsho,hod->bsd", o_BSHO, mla.wo[...].astype(dt)), (c_BSC, k_rope_BSR)
 
 
@@ -148,9 +148,9 @@ def _mha_qkv(mha: MHA, x_BSD, cos_sin):
   return rope.apply_rotate_half(q_BSHK, *cos_sin), rope.apply_rotate_half(k_BSHK, *cos_sin), v_BSHO
 
 
-def mha_prefill(mha: MHA, x_BSD, cos_sin, mask_B1ST):
+def mha_prefill(mha: MHA, x_BSD, cos_sin):
   q_BSHK, k_BSHK, v_BSHO = _mha_qkv(mha, x_BSD, cos_sin)
-  o_BSHO = dot_product_attention(q_BSHK, k_BSHK, v_BSHO, mask_B1ST, mha.cfg.softmax_scale, mha.cfg.attn_impl)
+  o_BSHO = dot_product_attention(q_BSHK, k_BSHK, v_BSHO, None, mha.cfg.softmax_scale, mha.cfg.attn_impl)
   return jnp.einsum("bsho,hod->bsd", o_BSHO, mha.wo[...].astype(x_BSD.dtype)), (k_BSHK, v_BSHO)
 
 
@@ -180,13 +180,11 @@ def _block(block: Block, h_BSD, attend):
   return constrain(h_BSD + y_BSD, ("batch", "seq", "act_embed")), cache
 
 
-def _prefill_attend(cos_sin, mask, cache: LayerCache):
-  """Attention over the prompt; its keys go to slots [0, P) of `cache`."""
+def _prefill_attend(cos_sin, cache: LayerCache):
+  """Causal attention over the prompt (cfg.attn_impl); its keys go to slots [0, P) of `cache`."""
   def attend(attn, x_BSD):
-    if isinstance(attn, MLA):
-      out, new = mla_prefill(attn, x_BSD, cos_sin, mask)
-    else:
-      out, new = mha_prefill(attn, x_BSD, cos_sin, mask)
+    fn = mla_prefill if isinstance(attn, MLA) else mha_prefill
+    out, new = fn(attn, x_BSD, cos_sin)
     start_B = jnp.zeros((x_BSD.shape[0],), jnp.int32)
     return out, type(cache)(*(_write(c, n, start_B) for c, n in zip(cache, new)))
   return attend
@@ -207,11 +205,10 @@ def prefill(model: Transformer, tokens_BP, caches):
   """Runs the prompt (right-padded to P) from an empty cache. -> (final normed hidden [B,P,D], caches)."""
   B, P = tokens_BP.shape
   cos_sin = rope.cos_sin(model.cfg, _positions(jnp.zeros((B,), jnp.int32), P))
-  mask = attention_mask(None, P)
   h_BSD = constrain(model._embed(tokens_BP), ("batch", "seq", "act_embed"))
   new = []
   for block, cache in zip(model.layers, caches):
-    h_BSD, cache = _block(block, h_BSD, _prefill_attend(cos_sin, mask, cache))
+    h_BSD, cache = _block(block, h_BSD, _prefill_attend(cos_sin, cache))
     new.append(cache)
   return model.norm(h_BSD), tuple(new)
 
@@ -247,7 +244,7 @@ def mtp_prefill(model: Transformer, h_BPD, next_tokens_BP, cache: LayerCache):
   B, P = next_tokens_BP.shape
   cos_sin = rope.cos_sin(model.cfg, _positions(jnp.zeros((B,), jnp.int32), P))
   x_BSD = _mtp_input(model, module, h_BPD, next_tokens_BP)
-  h_BSD, cache = _block(module.block, x_BSD, _prefill_attend(cos_sin, attention_mask(None, P), cache))
+  h_BSD, cache = _block(module.block, x_BSD, _prefill_attend(cos_sin, cache))
   return module.norm(h_BSD), cache
 
 

@@ -35,13 +35,9 @@ CONFIGS = {
 TOL = 1e-5
 
 
-def model_cfg(name: str, *extra: str) -> ModelConfig:
-  return load_config(TINY, CONFIGS[name] + list(extra)).model
-
-
 @functools.cache
 def parts(name: str):
-  cfg = model_cfg(name)
+  cfg = load_config(TINY, CONFIGS[name]).model
   graphdef, params, bias = M.split_model(M.init_model(cfg, seed=0))
   return cfg, graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(bias)
 
@@ -103,7 +99,7 @@ def test_decode_logits_equal_full_forward(name, width):
   assert np.abs(want).max() > 1.0
   if cfg.n_mtp_layers:   # the full forward's MTP logits at i predict token i+2; the last position is junk
     have = np.stack([got_mtp[b, p] for b in range(B) for p in range(S - 1)])
-    want = np.asarray(aux["mtp_logits"][0][:, :S - 1]).reshape(B * (S - 1), -1)
+    want = np.asarray(aux.mtp_logits[0][:, :S - 1]).reshape(B * (S - 1), -1)
     np.testing.assert_allclose(have, want, atol=TOL, rtol=TOL)
 
 
@@ -144,7 +140,7 @@ def test_decode_cache_holds_only_latents_and_is_never_expanded():
   def naive(params):   # the training form over T tokens does build them: the check above can see them
     mla = nnx.merge(graphdef, params, bias).layers[0].attn
     cos_sin = decode.rope.cos_sin(cfg, jnp.zeros((B, T), jnp.int32))
-    return mla(jnp.zeros((B, T, cfg.dim)), cos_sin, decode.attention_mask(None, T))
+    return mla(jnp.zeros((B, T, cfg.dim)), cos_sin, None)
   assert expanded(_intermediate_shapes(jax.make_jaxpr(naive)(params).jaxpr))
 
 
@@ -369,10 +365,12 @@ def test_expert_parallel_mesh_equals_one_device():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   """What train.py leaves in train.ckpt_dir: Checkpointer steps of the TrainState with meta {"config": ...}."""
-  from deepseek_jax import trainer
+  from deepseek_jax import optim, trainer
   from deepseek_jax.checkpoint import Checkpointer
   cfg = load_config(TINY, SMALL)
-  _, state, _ = trainer.init_state(cfg, seed=3)
+  _, params, bias = M.split_model(M.init_model(cfg.model, seed=3))
+  params, bias = nnx.to_pure_dict(params), nnx.to_pure_dict(bias)
+  state = trainer.TrainState(jnp.zeros((), jnp.int32), params, optim.make_optimizer(cfg.optim).init(params), bias)
   directory = tmp_path_factory.mktemp("run")
   ckpt = Checkpointer(directory, keep=2, every=1)
   ckpt.save(5, state, meta={"config": to_dict(cfg)}, force=True)
