@@ -207,7 +207,7 @@ def prefill(model: Transformer, tokens_BP, caches):
   cos_sin = rope.cos_sin(model.cfg, _positions(jnp.zeros((B,), jnp.int32), P))
   h_BSD = constrain(model._embed(tokens_BP), ("batch", "seq", "act_embed"))
   new = []
-  for block, cache in zip(model.layers, caches):
+  for block, cache in zip(model.blocks(), caches):
     h_BSD, cache = _block(block, h_BSD, _prefill_attend(cos_sin, cache))
     new.append(cache)
   return model.norm(h_BSD), tuple(new)
@@ -218,7 +218,7 @@ def step(model: Transformer, tokens_BS, start_B, caches):
   cos_sin = rope.cos_sin(model.cfg, _positions(start_B, tokens_BS.shape[1]))
   h_BSD = constrain(model._embed(tokens_BS), ("batch", "seq", "act_embed"))
   new = []
-  for block, cache in zip(model.layers, caches):
+  for block, cache in zip(model.blocks(), caches):
     h_BSD, cache = _block(block, h_BSD, _decode_attend(cos_sin, start_B, cache))
     new.append(cache)
   return model.norm(h_BSD), tuple(new)

@@ -240,7 +240,8 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 def load_checkpoint(directory: str, step: int | None = None) -> tuple[Config, dict]:
   """A train.py run directory (Checkpointer steps; params and router bias are read, the optimizer state is
-  not) or a `convert import` directory (config.yaml + params/). -> (Config, full params pure dict)."""
+  not) or a `convert import` directory (config.yaml + params/). -> (Config, full params pure dict in the
+  per-layer layout of model.to_pure_dict)."""
   import orbax.checkpoint as ocp
   from deepseek_jax.checkpoint import Checkpointer, CheckpointError
   from deepseek_jax.config import load_config
@@ -252,9 +253,10 @@ def load_checkpoint(directory: str, step: int | None = None) -> tuple[Config, di
                                         nnx.to_pure_dict(state))
   if (path / "config.yaml").is_file() and (path / "params").is_dir():   # `python -m deepseek_jax.convert import`
     cfg = load_config(path / "config.yaml")
-    _, params, bias = model_lib.abstract_model(cfg.model)
-    with ocp.StandardCheckpointer() as ckptr:
-      return cfg, ckptr.restore(path / "params", _deep_merge(abstract(params), abstract(bias)))
+    per_layer = model_lib.to_pure_dict(nnx.eval_shape(lambda: model_lib.init_model(cfg.model)))
+    with ocp.StandardCheckpointer() as ckptr:   # convert writes the per-layer layout
+      return cfg, ckptr.restore(path / "params", jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), per_layer))
   ckpt = Checkpointer(path, keep=1, every=1, async_save=False)
   step = ckpt.latest_step() if step is None else step
   if step is None:
@@ -275,7 +277,7 @@ def load_checkpoint(directory: str, step: int | None = None) -> tuple[Config, di
   except Exception as e:
     raise CheckpointError(f"{path / str(step)}: cannot read params and bias ({type(e).__name__}: "
                           f"{' '.join(str(e).split())[:200]})") from e
-  return cfg, _deep_merge(got["params"], got["bias"])
+  return cfg, model_lib.unstack_layers(cfg.model, _deep_merge(got["params"], got["bias"]))   # train: scanned stacks
 
 
 def _tokenizer(spec: str):

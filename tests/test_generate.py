@@ -138,7 +138,7 @@ def test_decode_cache_holds_only_latents_and_is_never_expanded():
   assert not expanded(_intermediate_shapes(jax.make_jaxpr(one_step)(params, caches).jaxpr))
 
   def naive(params):   # the training form over T tokens does build them: the check above can see them
-    mla = nnx.merge(graphdef, params, bias).layers[0].attn
+    mla = next(nnx.merge(graphdef, params, bias).blocks()).attn
     cos_sin = decode.rope.cos_sin(cfg, jnp.zeros((B, T), jnp.int32))
     return mla(jnp.zeros((B, T, cfg.dim)), cos_sin, None)
   assert expanded(_intermediate_shapes(jax.make_jaxpr(naive)(params).jaxpr))
