@@ -245,13 +245,14 @@ def run_loop(cfg: Config, args, workdir: pathlib.Path) -> dict:
     raise ValueError(f"the loop wrote {len(logs)} metric records; 2 are needed (--steps >= 1)")
   # Each record's rates cover the steps since the one before: the run's rate is their step-weighted harmonic mean.
   n = [b["step"] - a["step"] for a, b in zip(logs, logs[1:])]
-  step_s = sum(k / r["tokens_per_s"] for k, r in zip(n, logs[1:])) / sum(n) * cfg.train.batch_size * cfg.data.seq_len
-  out = throughput(cfg, step_s, jax.device_count())
+  tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+  out = throughput(cfg, sum(k * tokens_per_step / r["tokens_per_s"] for k, r in zip(n, logs[1:])) / sum(n),
+                   jax.device_count())
   loop_mfu = sum(n) / sum(k / r["mfu"] for k, r in zip(n, logs[1:]))
   if not np.isclose(out["mfu"], loop_mfu, rtol=1e-6):
     raise AssertionError(f"the loop's MFU {loop_mfu} differs from the bench's formula {out['mfu']}")
-  return {**common.device_info(), **out, "wall_s": wall_s, "warmup_s": logs[0]["step"] / logs[0]["tokens_per_s"]
-          * cfg.train.batch_size * cfg.data.seq_len, "records": logs,
+  return {**common.device_info(), **out, "wall_s": wall_s, "records": logs,
+          "warmup_s": logs[0]["step"] * tokens_per_step / logs[0]["tokens_per_s"],
           "losses_at": {r["step"]: r["loss"] for r in logs}}
 
 
@@ -323,9 +324,10 @@ def report(results: dict) -> str:
 
 
 def _notes(r: dict) -> str:
-  keys = ("mesh", "gmm_impl", "attn_impl", "attention", "init", "dtype")
-  parts = [f"{k} {r[k]}" for k in keys if k in r]
-  return ", ".join(parts + [f"warm-up {r['warmup_s']:.0f} s" if "warmup_s" in r else ""]).strip(", ")
+  parts = [f"{k} {r[k]}" for k in ("mesh", "gmm_impl", "attn_impl", "attention", "init", "dtype") if k in r]
+  if "warmup_s" in r:
+    parts.append(f"warm-up {r['warmup_s']:.0f} s")
+  return ", ".join(parts)
 
 
 def main(argv=None) -> dict | None:
@@ -335,7 +337,8 @@ def main(argv=None) -> dict | None:
     return worker_main(args)
   cfg = bench_config(args)
   results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": argv, "config": common.config_path(args),
-             "overrides": args.set, "batch": cfg.train.batch_size, "seq_len": cfg.data.seq_len, "warmup": args.warmup, "steps": args.steps,
+             "overrides": args.set, "batch": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
+             "warmup": args.warmup, "steps": args.steps,
              "gflops_per_token": flops.train_flops_per_token(cfg.model, cfg.data.seq_len) / 1e9,
              "peak_tflops": cfg.train.peak_tflops, "systems": {}}
   with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
