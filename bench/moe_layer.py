@@ -1,142 +1,124 @@
-"""Times one MoE layer (router + routed experts + shared expert), forward + backward, per expert implementation.
+"""One MoE layer, forward + backward, on one device: the local path against the expert-parallel path.
 
-  dense     moe.dense_experts: every expert on every token, a dense [T, E] combine (the test oracle)
-  grouped   sort by expert + lax.ragged_dot (dropless; moe.grouped_ffn)
-  capacity  sort by expert + [E, C, D] buffer + batched einsum (moe.padded_ffn), cf = --capacity-factor
+moe.routed_experts picks the path from the ambient mesh: with none set, the per-device expert math of
+experts.py on all tokens; under `jax.set_mesh(run.mesh)` (as train.py runs every step), the expert-parallel
+shard_map of sharding/expert_parallel.py. On a 1x1x1x1 mesh the two must cost the same. Each variant
+(gmm_impl x capacity factor; the capacity path runs no grouped matmul, so it is timed once) is timed both ways
+on the config's shapes: the whole MoE module (router, routed experts, shared experts) on train.batch_size x
+data.seq_len tokens in model.dtype. Every traced program is checked for the shard_map (present under the mesh,
+absent without), so each time belongs to the path its row names. TFLOP/s counts flops.moe_layer_flops.
 
-Defaults are the `bench` model's MoE (d=1536, 64 experts of 768, top-6, 1 shared, 4 x 4096 tokens) in
-bfloat16, for a GPU; --cpu-small is a float32 toy size. With --mesh, the layer runs under jax.set_mesh, so
-grouped/capacity go through the expert-parallel shard_map (sharding/expert_parallel.py).
-
-TFLOP/s counts model FLOPs only (router, k routed experts and the shared experts per token; fwd + bwd =
-3 x fwd), so the dense path's extra E/k work is not credited.
-
-  python bench/moe_layer.py --cpu-small
-  python bench/moe_layer.py --mesh 1,1,8,1 --impls grouped,capacity
+  PYTHONPATH=. python -m bench.moe_layer --out $OUT/moe_layer.json      # GPU: bench config, mgpu and xla
+  PYTHONPATH=. python -m bench.moe_layer --smoke                         # CPU: tiny config, xla and ref
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
+import contextlib
+import dataclasses
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax.config import MeshConfig, ModelConfig
-from deepseek_jax import moe
+from bench import common
+from deepseek_jax import flops
+from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import RouterBias
 from deepseek_jax.moe import MoE
-
-GPU_DEFAULTS = dict(tokens=4 * 4096, dim=1536, experts=64, inter=768, topk=6, shared=1, groups=8,
-                    limited_groups=4, dtype="bfloat16")
-CPU_SMALL = dict(tokens=1024, dim=128, experts=16, inter=64, topk=4, shared=1, groups=4, limited_groups=2,
-                 dtype="float32")
+from deepseek_jax.run import Run
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--cpu-small", action="store_true", help="small float32 sizes for a CPU")
-  for name, typ in (("tokens", int), ("dim", int), ("experts", int), ("inter", int), ("topk", int),
-                    ("shared", int), ("groups", int), ("limited-groups", int), ("dtype", str)):
-    p.add_argument(f"--{name}", type=typ, default=None, help=f"default {GPU_DEFAULTS[name.replace('-', '_')]}")
-  p.add_argument("--capacity-factor", type=float, default=1.25)
-  p.add_argument("--impls", default="dense,grouped,capacity")
-  p.add_argument("--mesh", default="", help="data,fsdp,expert,tensor sizes (default: one device, no mesh)")
-  p.add_argument("--iters", type=int, default=10)
+  common.config_args(p, "moe_layer.json")
+  p.add_argument("--impls", default="mgpu,xla", help="model.gmm_impl values for the dropless path (smoke: xla,ref)")
+  p.add_argument("--capacity-factors", default="0,1.25", help="model.capacity_factor values (0 = dropless)")
   p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--iters", type=int, default=10)
   args = p.parse_args(argv)
-  sizes = dict(CPU_SMALL if args.cpu_small else GPU_DEFAULTS)
-  for key in sizes:
-    if getattr(args, key) is not None:
-      sizes[key] = getattr(args, key)
-  return args, sizes
+  if args.smoke:
+    args.impls = "xla,ref" if args.impls == "mgpu,xla" else args.impls
+    args.warmup, args.iters = 1, 2
+  return args
 
 
-def model_config(sizes, impl: str, capacity_factor: float) -> ModelConfig:
-  return ModelConfig(dim=sizes["dim"], moe_inter_dim=sizes["inter"], n_routed_experts=sizes["experts"],
-                     n_activated_experts=sizes["topk"], n_shared_experts=sizes["shared"],
-                     n_expert_groups=sizes["groups"], n_limited_groups=sizes["limited_groups"],
-                     dtype=sizes["dtype"], moe_impl="dense" if impl == "dense" else "grouped",
-                     capacity_factor=capacity_factor if impl == "capacity" else 0.0)
+def variants(model: ModelConfig, impls: str, capacity_factors: str) -> list[ModelConfig]:
+  out = []
+  for cf in (float(c) for c in capacity_factors.split(",")):
+    for impl in impls.split(",") if cf == 0 else impls.split(",")[:1]:
+      out.append(dataclasses.replace(model, gmm_impl=impl, capacity_factor=cf))
+  return out
 
 
-def model_flops(sizes) -> float:
-  """fwd + bwd model FLOPs: 3 x (router + k routed SwiGLUs + shared SwiGLU) per token."""
-  T, D, F, E, k, s = (sizes[n] for n in ("tokens", "dim", "inter", "experts", "topk", "shared"))
-  fwd = 2 * T * D * E + 3 * 2 * T * D * F * (k + s)
-  return 3.0 * fwd
+def layer_grad_fn(model: ModelConfig, params, bias, mask_BS):
+  """jit(value_and_grad) of mean(y^2) + balance loss of the MoE layer; also returns the dropped count."""
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: MoE(model, rngs=nnx.Rngs(0))))
+
+  def loss(params, x_BSD):
+    y_BSD, stats = nnx.merge(graphdef, params, bias)(x_BSD, mask_BS)
+    return jnp.mean(jnp.square(y_BSD.astype(jnp.float32))) + stats["aux_loss"], stats["dropped"]
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
-def make_step(cfg: ModelConfig, batch: int, seq: int):
-  graphdef, params, bias = nnx.split(MoE(cfg, rngs=nnx.Rngs(params=0)), nnx.Param, RouterBias)
-  x = jax.random.normal(jax.random.key(1), (batch, seq, cfg.dim), jnp.dtype(cfg.dtype))
-  mask = jnp.ones((batch, seq), bool)
-
-  def loss(params, x):
-    y, stats = nnx.merge(graphdef, params, bias)(x, mask)
-    return jnp.mean(y.astype(jnp.float32) ** 2) + stats["aux_loss"], stats["dropped"]
-
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-  return step, params, x
-
-
-def time_impl(cfg, sizes, args, mesh):
-  batch = 4 if sizes["tokens"] % 4 == 0 else 1
-  if mesh is not None:   # one sequence per token shard at least
-    from sharding.rules import RULES, axis_size, mesh_spec, shard_state
-    batch = math.lcm(batch, axis_size(mesh, RULES["batch"]))
-  step, params, x = make_step(cfg, batch, sizes["tokens"] // batch)
-  if mesh is not None:
-    params = shard_state(params, mesh)
-    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, mesh_spec(("batch", "seq", "act_embed"), mesh)))
+def time_path(model: ModelConfig, inputs, mesh, args) -> dict:
+  """One row: the layer lowered with `mesh` set (or none), checked for the shard_map, compiled and timed."""
+  params, bias, x_BSD, mask_BS = inputs
+  fn = layer_grad_fn(model, params, bias, mask_BS)
   t0 = time.perf_counter()
-  out = jax.block_until_ready(step(params, x))
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    traced = fn.trace(params, x_BSD)
+    lowered = traced.lower()
+  # In the traced program, not the StableHLO: on a one-device mesh JAX inlines the shard_map's body.
+  shard_map = "shard_map" in str(traced.jaxpr)
+  if shard_map != (mesh is not None):
+    raise AssertionError(f"{'mesh' if mesh else 'local'} path, gmm_impl={model.gmm_impl}, capacity_factor="
+                         f"{model.capacity_factor}: shard_map {'found' if shard_map else 'missing'} in the module")
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  for _ in range(args.warmup):
-    jax.block_until_ready(step(params, x))
-  times = []
-  for _ in range(args.iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(step(params, x))
-    times.append(time.perf_counter() - t0)
-  dropped = int(out[0][1])
-  return statistics.median(times), compile_s, dropped
+  sec = common.seconds_per_call(compiled, (params, x_BSD), args.warmup, args.iters)
+  (loss, dropped), _ = compiled(params, x_BSD)
+  n_tokens = x_BSD.shape[0] * x_BSD.shape[1]
+  return {"path": "mesh" if mesh else "local", "gmm_impl": model.gmm_impl if model.capacity_factor == 0 else "-",
+          "capacity_factor": model.capacity_factor, "ms": sec * 1e3, "compile_s": compile_s,
+          "tflops": flops.moe_layer_flops(model, n_tokens) / sec / 1e12, "shard_map": shard_map,
+          "loss": float(loss), "dropped_frac": int(dropped) / (n_tokens * model.n_activated_experts)}
 
 
-def main(argv=None):
-  args, sizes = parse_args(argv)
-  mesh = None
-  if args.mesh:
-    from sharding.mesh import make_mesh
-    data, fsdp, expert, tensor = (int(v) for v in args.mesh.split(","))
-    mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, expert=expert, tensor=tensor))
-  print(f"backend={jax.default_backend()} devices={jax.device_count()} ({jax.devices()[0].device_kind}) "
-        f"jax={jax.__version__} mesh={dict(mesh.shape) if mesh else None}")
-  print("sizes: " + " ".join(f"{k}={v}" for k, v in sizes.items()) + f" capacity_factor={args.capacity_factor}")
-  pick = getattr(moe, "grouped_matmul_impl", None)   # the single-device dropless kernel choice, if moe has one
-  if pick is not None:
-    kernel = pick(jnp.dtype(sizes["dtype"]), sizes["dim"], sizes["inter"])
-    print(f"grouped kernel without --mesh: {kernel}; with --mesh the expert-parallel path: lax.ragged_dot")
-  flops = model_flops(sizes)
-  print(f"{'impl':<10}{'ms':>10}{'TFLOP/s':>10}{'compile s':>11}{'dropped':>10}")
-  for impl in args.impls.split(","):
-    cfg = model_config(sizes, impl, args.capacity_factor)
-    try:
-      if mesh is not None:
-        with jax.set_mesh(mesh):
-          sec, compile_s, dropped = time_impl(cfg, sizes, args, mesh)
-      else:
-        sec, compile_s, dropped = time_impl(cfg, sizes, args, None)
-    except Exception as e:  # noqa: BLE001  (e.g. the dense path out of memory at full size)
-      print(f"{impl:<10}  failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
-      continue
-    frac = dropped / (sizes["tokens"] * sizes["topk"])
-    print(f"{impl:<10}{sec * 1e3:>10.2f}{flops / sec / 1e12:>10.3f}{compile_s:>11.1f}{dropped:>7} "
-          f"({frac:.1%})")
+def layer_inputs(model: ModelConfig, batch: int, seq_len: int):
+  _, params, bias = nnx.split(MoE(model, rngs=nnx.Rngs(0)), nnx.Param, RouterBias)
+  x_BSD = jax.random.normal(jax.random.key(1), (batch, seq_len, model.dim), jnp.float32).astype(model.dtype)
+  return params, bias, x_BSD, jnp.ones((batch, seq_len), jnp.int32)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  cfg = common.bench_config(args)
+  run = Run(cfg, jax.devices()[:1])          # the run's mesh, on one device: 1x1x1x1
+  B, S = cfg.train.batch_size, cfg.data.seq_len
+  inputs = layer_inputs(cfg.model, B, S)
+  rows = []
+  for model in variants(run.cfg.model, args.impls, args.capacity_factors):
+    for mesh in (None, run.mesh):
+      rows.append(time_path(model, inputs, mesh, args))
+      print(common.table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
+  for local, ep in zip(rows[::2], rows[1::2]):
+    ep["mesh_over_local"] = ep["ms"] / local["ms"]
+  results = {"config": common.config_path(args), "overrides": args.set, "smoke": args.smoke, "tokens": B * S,
+             "mesh": common.mesh_name(run.mesh), "dtype": cfg.model.dtype, **common.device_info(), "rows": rows}
+  print(f"\nMoE layer fwd+bwd, {B}x{S} tokens, D={cfg.model.dim} F={cfg.model.moe_inter_dim} "
+        f"E={cfg.model.n_routed_experts} k={cfg.model.n_activated_experts}, {cfg.model.dtype}, "
+        f"{results['device']}; mesh = jax.set_mesh(Run(cfg).mesh) {results['mesh']}")
+  print(common.table(rows, COLUMNS))
+  common.write_json(args.out, results)
+  return results
+
+
+COLUMNS = [("path", "path", "s"), ("gmm_impl", "gmm", "s"), ("capacity_factor", "cf", "g"), ("ms", "ms", ".2f"),
+           ("tflops", "TFLOP/s", ".3g"), ("mesh_over_local", "mesh/local", ".3f"), ("dropped_frac", "dropped", ".2%"),
+           ("loss", "loss", ".6g"), ("compile_s", "compile s", ".1f"), ("shard_map", "shard_map", "s")]
 
 
 if __name__ == "__main__":

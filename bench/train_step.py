@@ -1,560 +1,356 @@
-"""Train-step benchmark: deepseek_jax vs Hugging Face transformers' DeepseekV3ForCausalLM (issue #5).
+"""The training step train.py runs, timed: ours against Hugging Face transformers, and train.py's own loop.
 
-One invocation runs, each in its own subprocess (so each framework gets the whole GPU and memory is freed
-between them), then prints one table:
-  ckpt   (CPU, in the background) our initial parameters -> a bf16 HF checkpoint, so both start identical
-  micro  (optional) component timings: MoE routed-expert layer per implementation, attention per implementation
-  ours   our jitted train_step (bf16 compute, fp32 params, AdamW from deepseek_jax.optim, donated state)
-  hf     DeepseekV3ForCausalLM with the same dims, bf16 weights, torch.optim.AdamW(fused), same data and lr
-  ours variants (optional, fewer steps)
-Both train `--steps` steps on the same stream of byte-tokenized windows of the bundled Shakespeare corpus
-(fixed seed); step times are the median after `--warmup` steps; the loss at the last step is compared.
+Systems (--systems; each runs in its own subprocess, so each has the whole accelerator and its memory):
+  ours       Run(cfg).train_step exactly as deepseek_jax/loop.py calls it: under the run's mesh, batches placed
+             by run.device_batch, donated state, the loop's metrics. Timed over --steps steps dispatched back to
+             back (as the loop dispatches them), after --warmup steps that include the compilation.
+  hf         transformers' DeepseekV3ForCausalLM built from the same config (convert.config_to_hf) and ours'
+             initial weights, on the same batches: bf16 weights and AdamW state on GPU (float32 on CPU),
+             torch.optim.AdamW (fused on GPU) with ours' decay mask, clipping and per-step learning rate, sdpa
+             attention, the loss over the same loss mask. Rows pass their per-document position ids, from which
+             transformers builds the document mask itself (its packed-sequence path): the same model as ours.
+  hf_causal  the same with positions 0..S-1 in every row: one causal mask per row (documents see each other),
+             Hugging Face's fastest attention kernel; the setting of the reference HF figure.
+  loop       deepseek_jax.loop.train (train.py without its command line) for warmup + steps steps: its own
+             tokens/s and MFU from its metric records after the first (which holds the compilation). It reads
+             its batches through Grain, as train.py does.
 
-  PYTHONPATH=. python3 bench/train_step.py --micro --out bench/results/h100.json        # H100
-  PYTHONPATH=. python3 bench/train_step.py --small                                       # CPU smoke (< 1 min)
+Batches (--data): "real" = the first batches train.py draws (deepseek_jax.data, needs Grain); "synthetic" =
+random documents packed in numpy (segment ids, positions, loss mask); "auto" = real where Grain is installed.
+Every system but the loop gets these batches; the loop draws the real ones itself. train.log_every is set to
+--warmup, so the loop's first record covers exactly the warm-up steps. Throughput counts batch_size x seq_len
+tokens a step, as the loop does; MFU = flops.train_flops_per_token x tokens/s / (train.peak_tflops x devices).
 
-FLOPs: model FLOPs per token from deepseek_jax.flops.train_flops_per_token (6 x active matmul params + causal
-attention counted at half the S x S square, no recomputation). The "full-attn" column counts the whole square
-(the convention of the reference HF figure: 4.26 GFLOP/token for this model).
+  PYTHONPATH=. python -m bench.train_step --out $OUT/train_step.json                  # ours vs HF, bench config
+  PYTHONPATH=. python -m bench.train_step --systems ours,loop --out $OUT/loop.json    # train.py vs the bench
+  PYTHONPATH=. python -m bench.train_step --smoke                                      # CPU: tiny config, 3 steps
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import gzip
+import importlib.util
 import json
-import math
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from profiling import _profile_steps, attribute_kernels, f32_gemms, print_table, run_micro  # noqa: E402
+from bench import common
+from deepseek_jax import flops
+from deepseek_jax.config import Config
+from deepseek_jax.loss import Batch
 
-CORPUS = ROOT / "deepseek_jax" / "corpus" / "shakespeare.jsonl.gz"
-PEAK_TFLOPS = 989.0   # H100 SXM dense bf16
+SYSTEMS = ("ours", "hf", "hf_causal", "loop")
 
-
-# Configuration -------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default=str(ROOT / "configs" / "bench.yaml"))
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-  p.add_argument("--small", action="store_true", help="CPU smoke preset: tiny config, batch 2 x 128, 6 steps")
-  p.add_argument("--steps", type=int, default=None, help="training steps per system (default 50; small: 6)")
-  p.add_argument("--warmup", type=int, default=None, help="steps excluded from the median (default 5)")
-  p.add_argument("--batch", type=int, default=None, help="default: train.batch_size")
-  p.add_argument("--seq-len", type=int, default=None, help="default: data.seq_len")
-  p.add_argument("--only", choices=("ours", "hf", "both"), default="both")
-  p.add_argument("--moe-impl", default=None,
-                 help="auto | mgpu | xla | ref | dense | capacity=CF (default: the config; grouped = auto)")
-  p.add_argument("--attn-impl", default=None, help="xla | cudnn | cudnn-padded (default: the config)")
-  p.add_argument("--remat", default=None, choices=("none", "full", "save_dots"))
-  p.add_argument("--mgpu-blocks", default=None, help='JSON {"gmm": {...}, "tgmm": {...}} tile overrides')
-  p.add_argument("--hf-dtype", default=None, choices=("bfloat16", "float32"), help="default bf16 (CPU: fp32)")
-  p.add_argument("--hf-attn", default="auto", help="auto (flash_attention_2 if installed, else sdpa) | sdpa | eager")
-  p.add_argument("--hf-experts", default=None, help="HF experts_implementation (default: the library's choice)")
-  p.add_argument("--hf-autocast", type=int, default=0, help="1: HF weights in --hf-dtype, forward under bf16 autocast")
-  p.add_argument("--hf-fp32-row", action="store_true",
-                 help="also run HF with fp32 master weights + bf16 autocast (loss-parity check)")
-  p.add_argument("--same-init", type=int, default=1, help="1: HF starts from our initial weights (via ckpt)")
-  p.add_argument("--micro", action="store_true", help="also time the MoE and attention components")
-  p.add_argument("--variants", default="", help='extra ours rows: "name:key=val,key=val;name2:..." '
-                 "(keys: config keys, moe, attn, remat, steps, env.NAME)")
-  p.add_argument("--variant-steps", type=int, default=15)
-  p.add_argument("--profile", type=int, default=1, help="1: trace 2 steps of ours and summarize GPU kernels")
-  p.add_argument("--deadline", type=float, default=0, help="seconds: skip workers that would start after it")
-  p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for our workers")
-  p.add_argument("--out", default="", help="JSON results file")
-  p.add_argument("--worker", default="", help=argparse.SUPPRESS)
-  p.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
-  p.add_argument("--ckpt-dir", default="", help=argparse.SUPPRESS)
-  p.add_argument("--tag", default="ours", help=argparse.SUPPRESS)
+  common.config_args(p, "train_step.json")
+  p.add_argument("--systems", default=None,
+                 help=f"comma-separated, run in this order, from {','.join(SYSTEMS)} (default ours,hf; smoke: "
+                      "ours, then hf if transformers is installed, loop if Grain is)")
+  p.add_argument("--data", choices=("auto", "real", "synthetic"), default="auto")
+  p.add_argument("--warmup", type=int, default=None, help="untimed steps, compilation included (default 5; smoke 1)")
+  p.add_argument("--steps", type=int, default=None, help="timed steps (default 45; smoke 2)")
+  p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+  p.add_argument("--workdir", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  if args.small:
-    args.config = str(ROOT / "configs" / "tiny.yaml")
-    args.set = ["model.n_mtp_layers=0", "model.seq_aux_alpha=0.0", "train.bias_update_speed=0.0",
-                "optim.warmup_steps=2", "optim.decay_steps=0", "optim.constant_steps=100"] + args.set
-    args.batch = args.batch or 2
-    args.seq_len = args.seq_len or 128
-    args.steps = args.steps or 6
-    args.warmup = 2 if args.warmup is None else args.warmup
-    args.profile = 0
-    args.variant_steps = min(args.variant_steps, 4)
-  args.steps = args.steps or 50
-  args.warmup = 5 if args.warmup is None else args.warmup
+  args.warmup = (1 if args.smoke else 5) if args.warmup is None else args.warmup
+  args.steps = (2 if args.smoke else 45) if args.steps is None else args.steps
+  if args.systems is None:
+    have = importlib.util.find_spec
+    args.systems = ("ours" + (",hf" if have("transformers") and have("torch") else "")
+                    + (",loop" if have("grain") else "")) if args.smoke else "ours,hf"
+  args.systems = args.systems.split(",")
+  if args.warmup < 1 or args.steps < 1:
+    p.error(f"--warmup {args.warmup} and --steps {args.steps} must be >= 1 (the first step compiles)")
+  if unknown := [s for s in args.systems if s not in SYSTEMS]:
+    p.error(f"--systems: unknown {unknown}; choose from {SYSTEMS}")
   return args
 
 
-def build_config(args):
-  from deepseek_jax.config import load_config
-  overrides = list(args.set)
-  if args.seq_len:
-    overrides.append(f"data.seq_len={args.seq_len}")
-  if args.batch:
-    overrides.append(f"train.batch_size={args.batch}")
-  if args.moe_impl and args.moe_impl.startswith("capacity="):
-    overrides += ["model.moe_impl=grouped", f"model.capacity_factor={float(args.moe_impl.split('=')[1])}"]
-  elif args.moe_impl == "dense":
-    overrides.append("model.moe_impl=dense")
-  elif args.moe_impl:
-    overrides += ["model.moe_impl=grouped", "model.capacity_factor=0.0"]
-  if args.attn_impl:
-    overrides.append(f"model.attn_impl={'cudnn' if args.attn_impl.startswith('cudnn') else args.attn_impl}")
-  if args.remat:
-    overrides.append(f"model.remat={args.remat}")
-  return load_config(args.config, overrides)
+def bench_config(args) -> Config:
+  """The config every system runs: the file and --set, plus what makes the loop comparable (no evals, no
+  checkpoints, warmup + steps steps, one metrics record per warm-up length)."""
+  return common.bench_config(args, [f"train.steps={args.warmup + args.steps}", f"train.log_every={args.warmup}",
+                                    "train.eval_every=0", "train.ckpt_dir=", "train.log_file="])
 
 
-def worker_env(args) -> dict:
-  """Environment knobs read by deepseek_jax at trace time (moe.GROUPED_MATMUL, the cuDNN MLA switch)."""
-  env = {}
-  if args.moe_impl in ("auto", "mgpu", "xla", "ref"):
-    env["DEEPSEEK_JAX_GROUPED_MATMUL"] = args.moe_impl
-  if args.attn_impl == "cudnn-padded":
-    env["DEEPSEEK_JAX_CUDNN_MLA"] = "0"
-  return env
+def throughput(cfg: Config, step_s: float, n_devices: int) -> dict:
+  """tokens/s and MFU as loop.MetricsLog computes them."""
+  tokens_per_s = cfg.train.batch_size * cfg.data.seq_len / step_s
+  peak = cfg.train.peak_tflops * 1e12 * n_devices
+  return {"step_s": step_s, "tokens_per_s": tokens_per_s,
+          "mfu": flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_s / peak}
 
 
-def flops_per_token(model_cfg, seq_len: int) -> tuple[float, float]:
-  """(causal-halved, full-square) training FLOPs per token."""
-  from deepseek_jax import flops
-  halved = flops.train_flops_per_token(model_cfg, seq_len, mtp=model_cfg.n_mtp_layers > 0)
-  blocks = model_cfg.n_layers + model_cfg.n_mtp_layers
-  return halved, halved + 3.0 * blocks * flops.attention_flops_per_token(model_cfg, seq_len)
+def save_batches(batches: list[dict], workdir: pathlib.Path) -> None:
+  np.savez(workdir / "batches.npz", **{f: np.stack([b[f] for b in batches]) for f in Batch._fields})
 
 
-# Data: byte-tokenized windows of the bundled corpus ------------------------------------------------------
-
-def corpus_batches(n_steps: int, batch: int, seq_len: int, seed: int = 0):
-  """n_steps batches of (inputs, targets) int32 [batch, seq_len]: windows of seq_len+1 bytes, fixed order."""
-  import numpy as np
-  with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
-    text = "\n\n".join(json.loads(line)["text"] for line in f if line.strip())
-  toks = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-  n_win = (toks.size - 1) // (seq_len + 1)
-  order = np.random.default_rng(seed).permutation(n_win)
-  out = []
-  for s in range(n_steps):
-    rows = [order[(s * batch + b) % n_win] for b in range(batch)]
-    win = np.stack([toks[r * (seq_len + 1):(r + 1) * (seq_len + 1)] for r in rows])
-    out.append((win[:, :-1].copy(), win[:, 1:].copy()))
-  return out
+def load_batches(workdir: pathlib.Path) -> list[dict]:
+  with np.load(workdir / "batches.npz") as z:
+    stacked = {f: z[f] for f in Batch._fields}
+  return [{f: stacked[f][i] for f in Batch._fields} for i in range(len(stacked["inputs"]))]
 
 
-def _median_after(times, warmup):
-  t = times[warmup:] if len(times) > warmup else times
-  return statistics.median(t)
+# ours -------------------------------------------------------------------------------------------------------
 
-
-# Worker: ours --------------------------------------------------------------------------------------------
-
-def run_ours(args, cfg) -> dict:
-  import functools
-
+def run_ours(cfg: Config, args, workdir: pathlib.Path) -> dict:
   import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from deepseek_jax import moe, trainer
-  if args.mgpu_blocks:
-    blocks = json.loads(args.mgpu_blocks)
-    moe.MGPU_GMM_BLOCKS.update(blocks.get("gmm", {}))
-    moe.MGPU_TGMM_BLOCKS.update(blocks.get("tgmm", {}))
-  dev = jax.devices()[0]
-  B, S = cfg.train.batch_size, cfg.data.seq_len
-  res = {"system": "ours", "device": dev.device_kind, "jax": jax.__version__, "batch": B, "seq_len": S,
-         "model": dataclasses.asdict(cfg.model), "env": {k: v for k, v in os.environ.items()
-                                                         if k.startswith(("DEEPSEEK_JAX", "XLA_"))}}
-  res["grouped_matmul"] = (moe.grouped_matmul_impl(cfg.model.dtype, cfg.model.dim, cfg.model.moe_inter_dim)
-                           if cfg.model.capacity_factor <= 0 and cfg.model.moe_impl == "grouped" else "-")
-  res["mgpu_blocks"] = {"gmm": dict(moe.MGPU_GMM_BLOCKS), "tgmm": dict(moe.MGPU_TGMM_BLOCKS)}
-  t0 = time.perf_counter()
-  graphdef, state, tx = trainer.init_state(cfg)
-  jax.block_until_ready(state)
-  res["init_s"] = time.perf_counter() - t0
-  res["embed_checksum"] = float(jnp.sum(jnp.abs(state.params["embed"])))
-  step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, cfg=cfg), donate_argnums=0)
-  data = corpus_batches(args.steps, B, S)
-  pos = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S))
 
-  # Unpacked rows: segment_ids=None gives the plain causal mask (cuDNN is_causal, as HF). MTP needs segment ids
-  # (its targets are masked across documents), so MTP configs get all-ones ids and a dense [B,1,S,S] mask.
-  seg = jnp.ones((B, S), jnp.int32) if cfg.model.n_mtp_layers else None
-
-  def to_batch(inp, tgt):
-    return {"inputs": jnp.asarray(inp), "targets": jnp.asarray(tgt), "positions": jnp.asarray(pos),
-            "loss_mask": jnp.ones((B, S), bool), "segment_ids": seg}
-  batches = [to_batch(*b) for b in data]
-  t0 = time.perf_counter()
-  compiled = step.lower(state, batches[0]).compile()
-  res["compile_s"] = time.perf_counter() - t0
-  times, losses, dropped = [], [], []
-  for i in range(args.steps):
-    t0 = time.perf_counter()
-    state, m = compiled(state, batches[i])
-    losses.append(float(m["loss"]))       # waits for the whole step (one executable)
-    times.append(time.perf_counter() - t0)
-    dropped.append(int(m["dropped"]))
-    if not math.isfinite(losses[-1]):
-      break
-  res.update(step_times=times, losses=losses, median_step_s=_median_after(times, args.warmup))
-  n_assign = B * S * cfg.model.n_activated_experts * cfg.model.n_moe_layers
-  res["dropped_frac"] = sum(dropped) / max(1, n_assign * len(dropped))
-  # Pipelined window (host does not wait between steps, as in train.py).
-  n_pipe = min(10, args.steps)
-  t0 = time.perf_counter()
-  for i in range(n_pipe):
-    state, m = compiled(state, batches[i])
-  jax.block_until_ready(m["loss"])
-  res["pipelined_step_s"] = (time.perf_counter() - t0) / n_pipe
-  stats = dev.memory_stats() or {}
-  res["peak_bytes"] = stats.get("peak_bytes_in_use")
-  res["bytes_limit"] = stats.get("bytes_limit")
-  if args.profile and dev.platform == "gpu":
-    t0 = time.perf_counter()
-    state, res["profile"] = _profile_steps(compiled, state, batches)
-    try:
-      hlo = compiled.as_text()
-      names = [k_ for k_, _ in res["profile"].get("top_kernels_ms_per_step", [])]
-      res["profile"]["attribution"] = attribute_kernels(hlo, names)
-      res["profile"]["f32_gemms"] = f32_gemms(hlo)
-    except Exception as e:  # noqa: BLE001
-      res["profile"]["attribution_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    res["profile_s"] = time.perf_counter() - t0
-  # Optimizer update alone (clip + AdamW + apply) on the full parameter tree.
-  try:
-    import optax
-
-    def opt_only(params, opt_state):
-      grads = jax.tree.map(lambda p: p * 1e-3, params)
-      upd, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, upd), opt_state
-    f = jax.jit(opt_only, donate_argnums=(0, 1))
-    p_, o_ = state.params, state.opt_state
-    state = None
-    ts = []
-    for _ in range(6):
-      t0 = time.perf_counter()
-      p_, o_ = f(p_, o_)
-      jax.block_until_ready(p_)
-      ts.append(time.perf_counter() - t0)
-    res["optimizer_only_s"] = statistics.median(ts[1:])
-  except Exception as e:  # noqa: BLE001
-    res["optimizer_only_error"] = repr(e)[:300]
-  return res
+  from deepseek_jax.run import Run
+  jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))   # shared with the loop worker
+  run = Run(cfg)
+  state = run.init_state()
+  if any(s.startswith("hf") for s in args.systems):
+    save_hf_init(run, state, workdir / "hf_init")
+  batches = load_batches(workdir)
+  metrics, t = [], [time.perf_counter()]
+  for i, b in enumerate(batches):
+    if i == args.warmup:
+      jax.block_until_ready((state, metrics[-1]))
+      t.append(time.perf_counter())
+    state, m = run.train_step(state, run.device_batch(b))
+    metrics.append(m)
+  jax.block_until_ready((state, metrics[-1]))
+  t.append(time.perf_counter())
+  metrics = [{k: np.asarray(v).tolist() for k, v in jax.device_get(m).items()} for m in metrics]
+  stats = jax.devices()[0].memory_stats() or {}
+  return {**common.device_info(), **throughput(cfg, (t[2] - t[1]) / args.steps, jax.device_count()),
+          "warmup_s": t[1] - t[0], "mesh": common.mesh_name(run.mesh), "gmm_impl": run.cfg.model.gmm_impl,
+          "attn_impl": cfg.model.attn_impl, "losses": [m["loss"] for m in metrics], "metrics": metrics[-1],
+          "peak_bytes": stats.get("peak_bytes_in_use")}
 
 
-def run_hf(args, cfg) -> dict:
-  import importlib.util
+def save_hf_init(run, state, path: pathlib.Path) -> None:
+  """Ours' initial parameters and router biases as a Hugging Face checkpoint (bf16 on GPU, else float32)."""
+  import jax
 
-  import torch
-  import torch.nn.functional as F
-  import transformers
   from deepseek_jax import convert
-  from deepseek_jax.optim import make_schedule   # JAX_PLATFORMS=cpu in this process: schedule values only
 
+  def merge(a: dict, b: dict) -> dict:
+    return {k: merge(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in a | b}
+  params = merge(jax.device_get(state.params), jax.device_get(state.bias))
+  dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+  convert.save_hf_checkpoint(run.cfg.model, params, path, fused_experts=True, dtype=dtype, max_shard_bytes=1 << 40)
+
+
+# Hugging Face -----------------------------------------------------------------------------------------------
+
+def run_hf(cfg: Config, args, workdir: pathlib.Path, causal: bool) -> dict:
+  import torch
+  import transformers
+
+  from deepseek_jax.optim import make_schedule
   cuda = torch.cuda.is_available()
   device = "cuda" if cuda else "cpu"
-  dtype = getattr(torch, args.hf_dtype or ("bfloat16" if cuda else "float32"))
-  B, S, m = cfg.train.batch_size, cfg.data.seq_len, cfg.model
-  hf_dict = convert.config_to_hf(m)
-  hf_dict = {k: v for k, v in hf_dict.items() if k not in ("architectures", "model_type")}
-  attn = args.hf_attn
-  if attn == "auto":
-    attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
-  hf_cfg = transformers.DeepseekV3Config(**hf_dict, attn_implementation=attn)
-  if args.hf_experts:
-    hf_cfg._experts_implementation = args.hf_experts
-  res = {"system": "hf", "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-         "autocast_bf16": bool(args.hf_autocast),
-         "transformers": transformers.__version__, "dtype": str(dtype), "attn_implementation": attn,
-         "batch": B, "seq_len": S}
-  torch.manual_seed(0)
-  t0 = time.perf_counter()
-  prev = torch.get_default_dtype()
-  torch.set_default_dtype(dtype)
-  with torch.device(device):
-    model = transformers.DeepseekV3ForCausalLM(hf_cfg)
-  torch.set_default_dtype(prev)
-  res["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
-  if args.ckpt_dir:
-    from safetensors.torch import load_file
-    sd = load_file(str(pathlib.Path(args.ckpt_dir) / "model.safetensors"), device=device)
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-    res["init"] = f"ours ({dtype} checkpoint)" if not (missing or unexpected) else "PARTIAL"
-    res["missing"], res["unexpected"] = missing[:10], unexpected[:10]
-    res["embed_checksum"] = float(model.model.embed_tokens.weight.detach().float().abs().sum())
-    del sd
-  else:
-    res["init"] = "HF default init"
-  res["init_s"] = time.perf_counter() - t0
-  model.train()
-  o = cfg.optim
-  decay, no_decay = [], []
-  for n, p in model.named_parameters():
-    (decay if p.ndim >= 2 and "norm" not in n and "bias" not in n else no_decay).append(p)
-  groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-  try:
-    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, fused=cuda)
-    res["fused_adamw"] = cuda
-  except (RuntimeError, TypeError):
-    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
-    res["fused_adamw"] = False
-  sched = make_schedule(o)
-  lrs = [float(sched(i)) for i in range(args.steps)]
-  params = [p for g in groups for p in g["params"]]
-  data = corpus_batches(args.steps, B, S)
-  batches = [(torch.from_numpy(a).long().to(device), torch.from_numpy(b).long().to(device)) for a, b in data]
-
-  def sync():
-    if cuda:
-      torch.cuda.synchronize()
-  if cuda:
-    torch.cuda.reset_peak_memory_stats()
-  times, losses = [], []
-  for i in range(args.steps):
-    sync()
-    t0 = time.perf_counter()
-    for g in opt.param_groups:
-      g["lr"] = lrs[i]
-    inp, tgt = batches[i]
-    if args.hf_autocast:
-      with torch.autocast(device_type=device, dtype=torch.bfloat16):
-        logits = model(input_ids=inp, use_cache=False).logits
-    else:
-      logits = model(input_ids=inp, use_cache=False).logits
-    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), tgt.view(-1))
-    loss.backward()
-    if o.clip_norm > 0:
-      torch.nn.utils.clip_grad_norm_(params, o.clip_norm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    del logits
-    lv = float(loss.detach())
-    sync()
-    times.append(time.perf_counter() - t0)
-    losses.append(lv)
-    if not math.isfinite(lv):
-      break
-  res.update(step_times=times, losses=losses, median_step_s=_median_after(times, args.warmup))
-  res["peak_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
-  return res
+  model, init = hf_model(cfg, workdir / "hf_init", device)
+  opt = hf_adamw(model, cfg.optim, fused=cuda)
+  schedule = make_schedule(cfg.optim)
+  lrs = [float(schedule(i)) for i in range(args.warmup + args.steps)]
+  batches = [hf_batch(b, device, causal) for b in load_batches(workdir)]
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
+  losses, t = [], [time.perf_counter()]
+  for i, b in enumerate(batches):
+    if i == args.warmup:
+      sync()
+      t.append(time.perf_counter())
+    losses.append(hf_step(model, opt, b, lrs[i], cfg.optim.clip_norm))
+  sync()
+  t.append(time.perf_counter())
+  return {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+          "transformers": transformers.__version__, "dtype": str(next(model.parameters()).dtype), "init": init,
+          "attention": "causal rows" if causal else "documents (position ids)",
+          **throughput(cfg, (t[2] - t[1]) / args.steps, 1), "warmup_s": t[1] - t[0],
+          "losses": [float(x) for x in losses], "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
-# Worker: checkpoint of our initial parameters for HF (CPU) -----------------------------------------------
+def hf_model(cfg: Config, init_dir: pathlib.Path, device: str):
+  """(model, where its weights come from): ours' initial weights if the ours worker wrote them, else HF's init."""
+  import torch
+  import transformers
 
-def run_ckpt(args, cfg) -> dict:
-  import jax
-  import numpy as np
   from deepseek_jax import convert
-  from deepseek_jax import model as model_lib
+  dtype = torch.bfloat16 if device == "cuda" else torch.float32
+  kw = {"dtype": dtype, "attn_implementation": "sdpa"}
+  if init_dir.exists():
+    model, init = transformers.AutoModelForCausalLM.from_pretrained(init_dir, **kw), "ours (same initial weights)"
+  else:
+    hf = convert.config_to_hf(cfg.model)
+    hf_cfg = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    torch.manual_seed(cfg.train.seed)
+    model, init = transformers.AutoModelForCausalLM.from_config(hf_cfg, **kw), "transformers' own (no ours worker)"
+  return model.to(device).train(), init
+
+
+def hf_adamw(model, o, fused: bool):
+  """torch AdamW with ours' hyperparameters and decay mask (optim.decay_mask: ndim >= 2, no norms or biases)."""
+  import torch
+
+  from deepseek_jax.optim import NO_DECAY_NAMES
+
+  def decays(name, p):
+    return p.ndim >= 2 and not any(w in name.lower() for w in NO_DECAY_NAMES)
+  named = list(model.named_parameters())
+  groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": o.weight_decay},
+            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+  return torch.optim.AdamW(groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, fused=fused)
+
+
+def hf_batch(b: dict, device: str, causal: bool) -> dict:
+  import torch
+
+  def t(x):
+    return torch.from_numpy(np.ascontiguousarray(x)).long().to(device)
+  B, S = b["inputs"].shape
+  positions = np.broadcast_to(np.arange(S), (B, S)) if causal else b["positions"]
+  return {"input_ids": t(b["inputs"]), "position_ids": t(positions), "targets": t(b["targets"]),
+          "mask": t(b["loss_mask"]).float()}
+
+
+def hf_step(model, opt, b: dict, lr: float, clip_norm: float):
+  """One AdamW step on the masked mean cross entropy (float32 logits); returns the loss without syncing."""
+  import torch
+  for group in opt.param_groups:
+    group["lr"] = lr
+  logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+  ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b["targets"].flatten(), reduction="none")
+  loss = (ce * b["mask"].flatten()).sum() / b["mask"].sum().clamp(min=1.0)
+  loss.backward()
+  if clip_norm > 0:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+  opt.step()
+  opt.zero_grad(set_to_none=True)
+  return loss.detach()
+
+
+# train.py's loop --------------------------------------------------------------------------------------------
+
+def run_loop(cfg: Config, args, workdir: pathlib.Path) -> dict:
+  import jax
+
+  from deepseek_jax.loop import train
+  jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
   t0 = time.perf_counter()
-  mdl = model_lib.init_model(cfg.model, cfg.train.seed)
-  params = jax.tree.map(np.asarray, model_lib.to_pure_dict(mdl))
-  del mdl
-  out = pathlib.Path(args.ckpt_dir)
-  hf_dtype = args.hf_dtype or ("float32" if args.small else "bfloat16")
-  convert.save_hf_checkpoint(cfg.model, params, out, fused_experts=True, dtype=hf_dtype, max_shard_bytes=1 << 42)
-  return {"ckpt_s": time.perf_counter() - t0, "dtype": hf_dtype,
-          "embed_checksum": float(np.abs(params["embed"]).sum(dtype=np.float64))}
+  _, history = train(cfg)
+  wall_s = time.perf_counter() - t0
+  logs = [h for h in history if "tokens_per_s" in h]
+  if len(logs) < 2:
+    raise ValueError(f"the loop wrote {len(logs)} metric records; 2 are needed (--steps >= 1)")
+  # Each record's rates cover the steps since the one before: the run's rate is their step-weighted harmonic mean.
+  n = [b["step"] - a["step"] for a, b in zip(logs, logs[1:])]
+  tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+  out = throughput(cfg, sum(k * tokens_per_step / r["tokens_per_s"] for k, r in zip(n, logs[1:])) / sum(n),
+                   jax.device_count())
+  loop_mfu = sum(n) / sum(k / r["mfu"] for k, r in zip(n, logs[1:]))
+  if not np.isclose(out["mfu"], loop_mfu, rtol=1e-6):
+    raise AssertionError(f"the loop's MFU {loop_mfu} differs from the bench's formula {out['mfu']}")
+  return {**common.device_info(), **out, "wall_s": wall_s, "records": logs,
+          "warmup_s": logs[0]["step"] * tokens_per_step / logs[0]["tokens_per_s"],
+          "losses_at": {r["step"]: r["loss"] for r in logs}}
 
 
-# Worker: component micro-benchmarks (GPU) ----------------------------------------------------------------
-
-# Orchestrator --------------------------------------------------------------------------------------------
-
-WORKERS = {"ours": run_ours, "hf": run_hf, "ckpt": run_ckpt, "micro": run_micro}
+WORKERS = {"ours": run_ours, "loop": run_loop,
+           "hf": lambda cfg, args, d: run_hf(cfg, args, d, causal=False),
+           "hf_causal": lambda cfg, args, d: run_hf(cfg, args, d, causal=True)}
 
 
-def worker_main(args):
-  if args.worker in ("hf", "ckpt"):
-    os.environ["JAX_PLATFORMS"] = "cpu"   # these never touch the GPU through JAX
-  cfg = build_config(args)
+def worker_main(args) -> None:
+  workdir = pathlib.Path(args.workdir)
   try:
-    res = WORKERS[args.worker](args, cfg)
-  except Exception as e:  # noqa: BLE001
-    res = {"error": f"{type(e).__name__}: {str(e)[:2000]}", "traceback": traceback.format_exc()[-4000:]}
-  pathlib.Path(args.worker_out).write_text(json.dumps(res, default=str))
-  return 0 if "error" not in res else 1
+    result = {"system": args.worker, **WORKERS[args.worker](bench_config(args), args, workdir)}
+  except Exception as e:   # recorded for the table, then re-raised with its traceback
+    (workdir / f"{args.worker}.json").write_text(json.dumps({"error": f"{type(e).__name__}: {e}"[:2000]}))
+    raise
+  (workdir / f"{args.worker}.json").write_text(json.dumps(result, default=str))
 
 
-def _spawn(argv_base, worker, extra=(), env=None, background=False, timeout=None):
-  fd, out = tempfile.mkstemp(prefix=f"bench_{worker}_", suffix=".json")
-  os.close(fd)
-  cmd = [sys.executable, str(pathlib.Path(__file__).resolve())] + argv_base + list(extra) + \
-      ["--worker", worker, "--worker-out", out]
-  e = dict(os.environ)
-  e.setdefault("PYTHONUNBUFFERED", "1")
-  e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-  e.update(env or {})
-  proc = subprocess.Popen(cmd, env=e)
-  proc.t_start = time.perf_counter()
-  if background:
-    return proc, out
-  return _collect(proc, out, timeout)
+# Orchestration and report -----------------------------------------------------------------------------------
+
+def spawn(system: str, argv: list[str], workdir: pathlib.Path) -> dict:
+  """Runs one system's worker in a fresh Python process (the Hugging Face ones with JAX kept off the GPU)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu") if system.startswith("hf") else dict(os.environ)
+  cmd = [sys.executable, "-m", "bench.train_step", *argv, "--worker", system, "--workdir", str(workdir)]
+  print(f"== {system}", flush=True)
+  t0 = time.perf_counter()
+  rc = subprocess.run(cmd, cwd=common.ROOT, env=env).returncode
+  out = workdir / f"{system}.json"
+  result = json.loads(out.read_text()) if out.exists() else {"error": f"worker exited with status {rc}"}
+  return {**result, "worker_s": time.perf_counter() - t0}
 
 
-def _collect(proc, out, timeout=None):
-  try:
-    proc.wait(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    proc.wait()
-    return {"error": f"timed out after {timeout} s"}
-  try:
-    res = json.loads(pathlib.Path(out).read_text())
-  except (OSError, ValueError):
-    res = {"error": f"worker exited with {proc.returncode} and no result"}
-  res["worker_wall_s"] = time.perf_counter() - proc.t_start
-  print(f"   ({res['worker_wall_s']:.0f} s{', ERROR ' + str(res['error'])[:300] if res.get('error') else ''})",
-        flush=True)
-  return res
-
-
-def _strip_orchestrator_args(argv):
-  """Arguments passed through to workers (orchestrator-only ones removed)."""
-  out, skip = [], False
-  drop_with_value = {"--variants", "--out", "--deadline", "--only", "--variant-steps"}
-  if "--hf-fp32-row" in argv:
-    argv = [a for a in argv if a != "--hf-fp32-row"]
-  for a in argv:
-    if skip:
-      skip = False
-      continue
-    key = a.split("=", 1)[0]
-    if key in drop_with_value:
-      skip = "=" not in a
-      continue
-    if key == "--micro":
-      continue
-    out.append(a)
+def compare(results: dict) -> dict:
+  """Ratios of tokens/s and loss agreement between the systems that ran."""
+  s = {k: v for k, v in results["systems"].items() if "tokens_per_s" in v}
+  out = {}
+  ours = s.get("ours")
+  for other in ("hf", "hf_causal"):
+    if ours and other in s:
+      out[f"ours_over_{other}"] = ours["tokens_per_s"] / s[other]["tokens_per_s"]
+      out[f"loss_rel_diff_{other}"] = [abs(a - b) / abs(b) for a, b in zip(ours["losses"], s[other]["losses"])]
+  if ours and "loop" in s:
+    out["loop_over_ours"] = s["loop"]["tokens_per_s"] / ours["tokens_per_s"]
+    out["loop_within_3pct"] = out["loop_over_ours"] >= 0.97
+    if results["data"].startswith("real"):   # the same batches: the loop's logged losses are ours'
+      out["loop_loss_max_abs_diff"] = max(abs(loss - ours["losses"][int(step) - 1])
+                                          for step, loss in s["loop"]["losses_at"].items())
   return out
 
 
-def parse_variants(spec: str):
-  variants = []
-  for part in filter(None, (p.strip() for p in spec.split(";"))):
-    name, _, kvs = part.partition(":")
-    extra, env, steps = [], {}, None
-    for kv in filter(None, (x.strip() for x in kvs.split(","))):
-      key, _, val = kv.partition("=")
-      if key.startswith("env."):
-        env[key[4:]] = val
-      elif key == "steps":
-        steps = int(val)
-      elif key in ("moe", "attn", "remat"):
-        extra += [{"moe": "--moe-impl", "attn": "--attn-impl", "remat": "--remat"}[key], val]
-      elif key == "xla_flags":
-        env["XLA_FLAGS"] = val.replace("+", " ")
-      else:
-        extra += ["--set", f"{key}={val}"]
-    variants.append((name.strip(), extra, env, steps))
-  return variants
+def report(results: dict) -> str:
+  rows = []
+  for name, r in results["systems"].items():
+    losses = r.get("losses") or list(r.get("losses_at", {}).values())
+    rows.append({**r, "name": name, "loss_first": losses[0] if losses else None,
+                 "loss_last": losses[-1] if losses else None, "ms": r["step_s"] * 1e3 if "step_s" in r else None,
+                 "peak_gib": r["peak_bytes"] / 2**30 if r.get("peak_bytes") else None,
+                 "notes": r.get("error") or _notes(r)})
+  head = (f"train step: {results['config']} {' '.join(results['overrides'])}\n"
+          f"batch {results['batch']} x {results['seq_len']}, data {results['data']}, {results['warmup']} warm-up + "
+          f"{results['steps']} timed steps; {results['gflops_per_token']:.3f} GFLOP/token "
+          f"(flops.train_flops_per_token), MFU vs {results['peak_tflops']:g} TFLOP/s per device")
+  cols = [("name", "system", "s"), ("device", "device", "s"), ("ms", "ms/step", ".1f"),
+          ("tokens_per_s", "tokens/s", ",.0f"), ("mfu", "MFU", ".1%"), ("loss_first", "loss first", ".4f"),
+          ("loss_last", "loss last", ".4f"), ("peak_gib", "peak GiB", ".1f"), ("notes", "notes", "s")]
+  cmp = "; ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                  for k, v in results["compare"].items() if not isinstance(v, list))
+  return f"{head}\n{common.table(rows, cols)}\n{cmp}"
 
 
-def main(argv=None):
+def _notes(r: dict) -> str:
+  parts = [f"{k} {r[k]}" for k in ("mesh", "gmm_impl", "attn_impl", "attention", "init", "dtype") if k in r]
+  if "warmup_s" in r:
+    parts.append(f"warm-up {r['warmup_s']:.0f} s")
+  return ", ".join(parts)
+
+
+def main(argv=None) -> dict | None:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
   if args.worker:
     return worker_main(args)
-  t_start = time.perf_counter()
-  cfg = build_config(args)
-  base = _strip_orchestrator_args(argv)
-  results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": argv, "rows": {}, "config": args.config}
-  jax_env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")}
-  if args.xla_flags:
-    jax_env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
-  jax_env.update(worker_env(args))
-
-  def save():
-    if args.out:
-      pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-      pathlib.Path(args.out).write_text(json.dumps(results, indent=1, default=str))
-
-  def time_left():
-    return args.deadline - (time.perf_counter() - t_start) if args.deadline else float("inf")
-
-  want_hf = args.only in ("hf", "both")
-  want_ours = args.only in ("ours", "both")
-  ckpt_proc = None
-  ckpt_dir = ""
-  if want_hf and args.same_init:
-    ckpt_dir = tempfile.mkdtemp(prefix="bench_init_")
-    ckpt_proc = _spawn(base, "ckpt", ["--ckpt-dir", ckpt_dir], env={"JAX_PLATFORMS": "cpu"}, background=True)
-  if args.micro:
-    print("== micro-benchmarks", flush=True)
-    results["micro"] = _spawn(base, "micro", env=jax_env, timeout=300)
-    save()
-    mic = results["micro"]
-    if args.moe_impl is None and not mic.get("error"):
-      if mic.get("mgpu_ok"):
-        base += ["--mgpu-blocks", json.dumps(mic["mgpu_best"])]
-        if cfg.model.capacity_factor <= 0 and cfg.model.moe_impl == "grouped":
-          jax_env["DEEPSEEK_JAX_GROUPED_MATMUL"] = "mgpu"
-      elif cfg.model.capacity_factor <= 0 and cfg.model.moe_impl == "grouped":
-        jax_env["DEEPSEEK_JAX_GROUPED_MATMUL"] = "xla"
-        results["note_moe"] = "mgpu failed its micro check: ours uses lax.ragged_dot"
-    if args.attn_impl is None and not mic.get("error") and not mic.get("cudnn_mla_ok"):
-      jax_env["DEEPSEEK_JAX_CUDNN_MLA"] = "0"
-      results["note_attn"] = "private cuDNN MLA failed its micro check: padded V"
-  if want_ours:
-    print("== ours", flush=True)
-    results["rows"]["ours"] = _spawn(base, "ours", env=jax_env, timeout=900)
-    err = str(results["rows"]["ours"].get("error", ""))
-    if ("RESOURCE_EXHAUSTED" in err or "out of memory" in err.lower()) and cfg.model.remat == "none":
-      print("== ours OOM with remat=none: retrying with remat=save_dots", flush=True)
-      results["rows"]["ours[remat=none, OOM]"] = results["rows"].pop("ours")
-      base += ["--remat", "save_dots"]
-      results["rows"]["ours"] = _spawn(base, "ours", env=jax_env, timeout=900)
-    save()
-  if want_hf:
-    if ckpt_proc is not None:
-      ck = _collect(*ckpt_proc, timeout=900)
-      results["ckpt"] = ck
-      if ck.get("error"):
-        ckpt_dir = ""
-    print("== hf", flush=True)
-    results["rows"]["hf"] = _spawn(base, "hf", ["--ckpt-dir", ckpt_dir] if ckpt_dir else [], timeout=900)
-    save()
-    if args.hf_fp32_row and time_left() > 100:
-      print("== hf[fp32 master + bf16 autocast]", flush=True)
-      results["rows"]["hf[fp32+autocast]"] = _spawn(
-          base, "hf", (["--ckpt-dir", ckpt_dir] if ckpt_dir else []) + ["--hf-dtype", "float32", "--hf-autocast", "1"],
-          timeout=max(60, min(600, time_left())))
-      save()
-    if ckpt_dir:
-      import shutil
-      shutil.rmtree(ckpt_dir, ignore_errors=True)
-  if want_ours:
-    for name, extra, env, steps in parse_variants(args.variants):
-      if time_left() < 100:
-        results["rows"][f"ours[{name}]"] = {"error": "skipped: deadline"}
-        continue
-      print(f"== ours[{name}]", flush=True)
-      results["rows"][f"ours[{name}]"] = _spawn(base, "ours", extra + ["--steps", str(steps or args.variant_steps),
-                                                                      "--profile", "0"],
-                                               env={**jax_env, **env}, timeout=max(60, min(600, time_left())))
-      save()
-  results["flops_per_token"] = dict(zip(("causal_halved", "full_square"),
-                                        flops_per_token(cfg.model, cfg.data.seq_len)))
-  results["wall_s"] = time.perf_counter() - t_start
-  save()
-  print_table(results, cfg, args)
-  return 0
+  cfg = bench_config(args)
+  results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": argv, "config": common.config_path(args),
+             "overrides": args.set, "batch": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
+             "warmup": args.warmup, "steps": args.steps,
+             "gflops_per_token": flops.train_flops_per_token(cfg.model, cfg.data.seq_len) / 1e9,
+             "peak_tflops": cfg.train.peak_tflops, "systems": {}}
+  with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
+    batches, results["data"] = common.packed_batches(cfg, args.warmup + args.steps, args.data)
+    save_batches(batches, pathlib.Path(tmp))
+    for system in args.systems:
+      results["systems"][system] = spawn(system, argv, pathlib.Path(tmp))
+  results["compare"] = compare(results)
+  print(report(results))
+  common.write_json(args.out, results)
+  return results
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -45,3 +45,15 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, mtp: bool = True) -> f
   blocks = cfg.n_layers + (cfg.n_mtp_layers if mtp else 0)
   fwd = 2 * active_matmul_params(cfg, mtp) + blocks * attention_flops_per_token(cfg, seq_len)
   return 3.0 * fwd
+
+
+def moe_layer_flops(cfg: ModelConfig, n_tokens: int, train: bool = True) -> float:
+  """One MoE layer (router, k routed and the shared experts) on n_tokens; train = forward + backward."""
+  fwd = 2.0 * n_tokens * moe_matmul_params(cfg)
+  return 3.0 * fwd if train else fwd
+
+
+def attention_core_flops(cfg: ModelConfig, batch: int, seq_len: int, train: bool = True) -> float:
+  """softmax(QK^T)V of one layer on [batch, seq_len], causal (half the square); train = forward + backward."""
+  fwd = batch * seq_len * attention_flops_per_token(cfg, seq_len)
+  return 3.0 * fwd if train else fwd
