@@ -20,7 +20,7 @@ from deepseek_jax import model as model_lib
 from deepseek_jax import trainer
 from deepseek_jax.config import Config, ConfigError, load_config
 from deepseek_jax.data import ByteTokenizer, DataError
-from deepseek_jax.posttrain import arithmetic, distill, grpo, logprobs, rewards, rollout, sft, template
+from deepseek_jax.posttrain import arithmetic, distill, grpo, grpo_loop, logprobs, rewards, rollout, sft, template
 from deepseek_jax.posttrain.template import Problem
 from sharding.mesh import make_mesh
 from sharding.rules import mesh_spec
@@ -442,34 +442,52 @@ def _letter_fraction(completion: str, answer: str) -> float:
   return sum("a" <= c <= "z" for c in completion) / max(len(completion), 1)
 
 
-def test_grpo_steps_raise_a_toy_reward():
+def test_grpo_iterations_raise_a_toy_reward():
   n_new, G = 8, 4
   cfg = _cfg("configs/tiny-grpo.yaml", f"posttrain.grpo.group_size={G}", "train.batch_size=16",
              "optim.lr=3e-3", f"posttrain.max_new_tokens={n_new}", "posttrain.max_prompt_len=24",
              "posttrain.grpo.inner_steps=2")
   pt = cfg.posttrain
   graphdef, state, tx = _model(cfg)
-  ref = (state.params, state.bias)
   sample = make_plain_sampler(graphdef, pt.temperature, n_new)
-  score = _jit(functools.partial(grpo.score_rollout, graphdef=graphdef, temperature=pt.temperature))
-  step = _jit(functools.partial(grpo.grpo_step, graphdef=graphdef, tx=tx, cfg=cfg))
   problems = arithmetic.make_problems(64, split="train", digits=1, seed=0)
-  kw = dict(tokenizer=TOK, reward_fn=_letter_fraction, max_prompt_len=24, eos_id=pt.eos_id)
+  run = functools.partial(
+      grpo_loop.grpo_iteration, cfg=cfg, problems=problems, generate_fn=sample, reward_fn=_letter_fraction,
+      tokenizer=TOK, ref=(state.params, state.bias),
+      score_fn=_jit(functools.partial(grpo.score_rollout, graphdef=graphdef, temperature=pt.temperature)),
+      step_fn=_jit(functools.partial(grpo.grpo_step, graphdef=graphdef, tx=tx, cfg=cfg)))
 
   def mean_reward(state):   # fresh samples: 4 batches of 4 prompts x 4, the training shapes (no new compile)
+    kw = dict(tokenizer=TOK, reward_fn=_letter_fraction, max_prompt_len=24, eos_id=pt.eos_id)
     return np.mean([rollout.rollout(sample, (state.params, state.bias), problems[4 * k:4 * k + 4], G,
                                     jax.random.key(100 + k), **kw).rewards.mean() for k in range(4)])
 
   before = mean_reward(state)
   for i in range(12):
-    rb = rollout.rollout(sample, (state.params, state.bias), rollout.prompts_for_step(problems, i, 4, seed=0), G,
-                         jax.random.key(i), **kw)
-    batch = score(rb.batch, state.params, state.bias, *ref)
-    for _ in range(pt.grpo.inner_steps):
-      state, metrics = step(state, batch)
+    state, metrics, rb = run(state, i, jax.random.key(0))
   after = mean_reward(state)
   assert after > before + 0.2, (before, after)      # measured: 0.12 -> 0.51; 0.12 -> 0.12 without the pg term
-  assert float(metrics["kl"]) > 0
+  assert int(state.step) == 24 and metrics["kl"] > 0 and metrics["reward_mean"] == rb.rewards.mean()
+
+
+def _oracle_generate(n_new):
+  """Answers the templated arithmetic prompt in each row, wrongly in rows 0, 3, 6, ... of every call."""
+  def generate(params, prompts_BP, lens_B, key):
+    out = []
+    for b, row in enumerate(prompts_BP):
+      question = TOK.decode(row[len(row) - lens_B[b]:].tolist()).split("User: ")[1].split("\n")[0]
+      answer = eval(question) + (1 if b % 3 == 0 else 0)
+      out.append(TOK.encode(f"<think></think><answer>{answer}</answer>\n".ljust(n_new, "z"))[:n_new])
+    return np.asarray(out, np.int32)
+  return generate
+
+
+def test_heldout_accuracy_scores_real_prompts_only():
+  cfg = _cfg("configs/tiny-grpo.yaml")
+  problems = arithmetic.make_problems(10, split="test", digits=2, seed=0)
+  acc = grpo_loop.heldout_accuracy(_oracle_generate(40), None, problems, jax.random.key(0), cfg=cfg, tokenizer=TOK,
+                                   batch_prompts=4)
+  assert acc == pytest.approx(0.5)   # batches of 4, 4, 2 (+2 padding rows, one "right"): 2 + 2 + 1 right of 10
 
 
 # Distillation ----------------------------------------------------------------------------------------------
