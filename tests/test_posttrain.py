@@ -1,6 +1,6 @@
 """R1 post-training: rewards, SFT masking, rollout layout, the GRPO objective and step, distillation.
 
-Model-based tests use configs/tiny.yaml with 2 layers. The sampler below is a plain jitted loop over
+Model-based tests use the tiny model of configs/tiny-grpo.yaml and tiny-sft.yaml (2 layers). The sampler below is a plain jitted loop over
 `model.apply` without a KV cache; it exists only here, standing in for the project's generator.
 """
 
@@ -363,8 +363,15 @@ def test_grpo_gradient_at_ratio_one_is_the_reinforce_gradient():
     np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=1e-4)
 
 
+def _bias_moved(before, after) -> dict[str, bool]:
+  return {top: any(bool((np.asarray(a) != np.asarray(b)).any())
+                   for a, b in zip(jax.tree.leaves(before[top]), jax.tree.leaves(after[top])))
+          for top in before}
+
+
 def test_grpo_step_inner_updates_and_micro_batches():
-  cfg = _cfg("configs/tiny-grpo.yaml", "posttrain.grpo.group_size=4", "train.batch_size=8")
+  cfg = _cfg("configs/tiny-grpo.yaml", "posttrain.grpo.group_size=4", "train.batch_size=8",
+             "train.bias_update_speed=0.01")
   graphdef, state, tx = _model(cfg)
   batch = _rollout_batch(cfg, graphdef, state)
   step = _jit(functools.partial(grpo.grpo_step, graphdef=graphdef, tx=tx, cfg=cfg))
@@ -372,8 +379,12 @@ def test_grpo_step_inner_updates_and_micro_batches():
   assert float(m1["ratio"]) == pytest.approx(1.0, abs=1e-6) and float(m1["kl"]) == pytest.approx(0.0, abs=1e-7)
   s2, m2 = step(s1, batch)                                                # second inner update: off-policy now
   assert abs(float(m2["ratio"]) - 1.0) > 1e-5 and float(m2["kl"]) > 0 and int(s2.step) == 2
+  # Router biases: the main model's MoE layers are balanced on the rollout tokens; the MTP block is not run.
+  moved = _bias_moved(state.bias, s1.bias)
+  assert moved["layers"] and not moved["mtp"]
   # Two micro-batches give the same update as one (the weights are over the whole batch).
-  cfg2 = _cfg("configs/tiny-grpo.yaml", "posttrain.grpo.group_size=4", "train.batch_size=8", "train.grad_accum=2")
+  cfg2 = _cfg("configs/tiny-grpo.yaml", "posttrain.grpo.group_size=4", "train.batch_size=8", "train.grad_accum=2",
+              "train.bias_update_speed=0.01")
   step2 = _jit(functools.partial(grpo.grpo_step, graphdef=graphdef, tx=tx, cfg=cfg2))
   s1b, m1b = step2(state, batch)
   np.testing.assert_allclose(float(m1b["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-7)
