@@ -226,6 +226,98 @@ class TrainConfig:
   peak_tflops: float = 989.0      # per-device bf16 peak for MFU
 
 
+# Post-training (DeepSeek-R1): SFT, GRPO, distillation. See deepseek_jax/posttrain/. --------------------------
+
+POSTTRAIN_MODES = ("pretrain", "sft", "grpo", "distill")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig:
+  """Group Relative Policy Optimization (DeepSeekMath Eq. 3; R1 section 2.2.1)."""
+  group_size: int = 8             # G  completions sampled per prompt; train.batch_size = prompts * G
+  inner_steps: int = 1            # mu  optimizer updates per rollout batch (1 = on-policy, ratio 1)
+  clip_eps: float = 0.2           # epsilon of the clipped ratio min(r A, clip(r, 1-eps, 1+eps) A)
+  kl_beta: float = 0.04           # beta of the k3 KL penalty to the frozen reference; 0 = no reference
+  adv_eps: float = 1e-4           # A = (r - mean) / (std + adv_eps) within a group
+  loss_norm: str = "sequence"     # "sequence": mean over tokens, then over sequences (DeepSeekMath / R1);
+                                  # "token": one mean over all completion tokens of the batch (DAPO / Dr. GRPO)
+
+  def __post_init__(self):
+    _check_choice("posttrain.grpo.loss_norm", self.loss_norm, ("sequence", "token"))
+    if self.group_size < 2:
+      raise ConfigError(f"posttrain.grpo.group_size={self.group_size} must be >= 2 (advantages compare samples)")
+    _check_positive("posttrain.grpo.inner_steps", self.inner_steps)
+    if not 0.0 < self.clip_eps < 1.0:
+      raise ConfigError(f"posttrain.grpo.clip_eps={self.clip_eps} must be in (0, 1)")
+    if self.kl_beta < 0:
+      raise ConfigError(f"posttrain.grpo.kl_beta={self.kl_beta} must be >= 0")
+    if not self.adv_eps > 0:
+      raise ConfigError(f"posttrain.grpo.adv_eps={self.adv_eps} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+  """Distillation into a smaller student (R1 section 2.4): SFT on teacher traces, or logit-level KL."""
+  loss: str = "sequence"          # "sequence": SFT on teacher-generated responses (as R1 does);
+                                  # "logit": forward KL(teacher_T || student_T) on the teacher's logits
+  teacher_config: str = ""        # YAML config of the teacher run (its model section is used)
+  teacher_ckpt: str = ""          # teacher checkpoint directory (train.ckpt_dir of the teacher run)
+  traces_path: str = ""           # JSONL of teacher responses {prompt, response}; written if missing
+  samples_per_prompt: int = 1     # teacher responses sampled per prompt when writing traces
+  keep_correct_only: bool = True  # rejection sampling: keep traces whose answer the accuracy reward accepts
+  temperature: float = 1.0        # T of the logit KL (softened distributions, loss scaled by T^2)
+  ce_weight: float = 0.0          # logit mode: + ce_weight * cross entropy on the data's own targets
+
+  def __post_init__(self):
+    _check_choice("posttrain.distill.loss", self.loss, ("sequence", "logit"))
+    _check_positive("posttrain.distill.samples_per_prompt", self.samples_per_prompt)
+    if not self.temperature > 0:
+      raise ConfigError(f"posttrain.distill.temperature={self.temperature} must be > 0")
+    if self.ce_weight < 0:
+      raise ConfigError(f"posttrain.distill.ce_weight={self.ce_weight} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PostTrainConfig:
+  """What train.py optimizes (mode) and the prompt/response data, template and sampling shared by the modes."""
+  mode: str = "pretrain"          # "pretrain" (next-token LM on data.*), "sft", "grpo" or "distill"
+  init_ckpt: str = ""             # train.ckpt_dir of an earlier run (e.g. the SFT run): its latest params start
+                                  # the policy (fresh optimizer, step 0) and are GRPO's frozen reference
+  data_path: str = ""             # "" = bundled arithmetic task; else JSONL of {prompt, response} or
+                                  # {prompt, think, answer} records (see posttrain/sft.py)
+  task_digits: int = 2            # bundled task: operands have 1..task_digits digits
+  sft_noise: float = 0.0          # bundled task: fraction of SFT responses whose answer is made wrong
+  train_problems: int = 4000      # bundled task: training problems (SFT examples, GRPO prompts)
+  eval_problems: int = 200        # held-out problems for accuracy
+  eos_id: int = 10                # token ending every response ("\n" for the byte tokenizer)
+  max_prompt_len: int = 32        # P  prompts are left-padded to P tokens for sampling
+  max_new_tokens: int = 32        # N  sampled tokens per completion
+  temperature: float = 1.0        # sampling temperature; GRPO log-probs use the same one
+  rewards: tuple[str, ...] = ("accuracy", "format")   # names in posttrain/rewards.py REWARDS
+  reward_weights: tuple[float, ...] = ()              # one per reward; () = all 1.0
+  grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+  distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+
+  def __post_init__(self):
+    _check_choice("posttrain.mode", self.mode, POSTTRAIN_MODES)
+    for name in ("task_digits", "train_problems", "eval_problems", "max_prompt_len", "max_new_tokens"):
+      _check_positive(f"posttrain.{name}", getattr(self, name))
+    if not 0.0 <= self.sft_noise <= 1.0:
+      raise ConfigError(f"posttrain.sft_noise={self.sft_noise} must be in [0, 1]")
+    if self.eos_id < 0:
+      raise ConfigError(f"posttrain.eos_id={self.eos_id} must be >= 0")
+    if not self.temperature > 0:
+      raise ConfigError(f"posttrain.temperature={self.temperature} must be > 0")
+    from deepseek_jax.posttrain.rewards import REWARDS   # lazy: rewards.py is plain Python, no config import
+    if not self.rewards:
+      raise ConfigError("posttrain.rewards is empty: name at least one reward")
+    for name in self.rewards:
+      _check_choice("posttrain.rewards entry", name, tuple(REWARDS))
+    if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+      raise ConfigError(f"posttrain.reward_weights has {len(self.reward_weights)} entries for "
+                        f"{len(self.rewards)} rewards")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -233,6 +325,7 @@ class Config:
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  posttrain: PostTrainConfig = dataclasses.field(default_factory=PostTrainConfig)
 
   def __post_init__(self):
     if self.train.batch_size % self.train.grad_accum:
@@ -240,6 +333,27 @@ class Config:
                         f"train.grad_accum={self.train.grad_accum}")
     if self.data.seq_len > self.model.max_seq_len:
       raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+    _check_posttrain(self)
+
+
+def _check_posttrain(cfg: Config):
+  """Checks between posttrain.* and the other sections."""
+  pt = cfg.posttrain
+  if pt.mode in ("pretrain", "sft"):
+    return
+  if pt.eos_id >= cfg.model.vocab_size:
+    raise ConfigError(f"posttrain.eos_id={pt.eos_id} is not below model.vocab_size={cfg.model.vocab_size}")
+  rollout_len = pt.max_prompt_len + pt.max_new_tokens - 1   # model inputs of one prompt + completion row
+  if rollout_len > cfg.model.max_seq_len:
+    raise ConfigError(f"posttrain.max_prompt_len + max_new_tokens - 1 = {rollout_len} exceeds "
+                      f"model.max_seq_len={cfg.model.max_seq_len}")
+  if pt.mode == "grpo" and cfg.train.batch_size % pt.grpo.group_size:
+    raise ConfigError(f"train.batch_size={cfg.train.batch_size} (completions per rollout batch) is not "
+                      f"divisible by posttrain.grpo.group_size={pt.grpo.group_size}")
+  if pt.mode == "distill" and pt.distill.loss == "logit" and not pt.distill.teacher_config:
+    raise ConfigError("posttrain.distill.loss='logit' needs posttrain.distill.teacher_config")
+  if pt.mode == "distill" and not (pt.distill.teacher_config or pt.distill.traces_path):
+    raise ConfigError("posttrain.mode='distill' needs posttrain.distill.teacher_config or traces_path")
 
 
 # Loading -------------------------------------------------------------------------------------------------
@@ -263,6 +377,10 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
       return float(value)  # YAML 1.1 reads "1e-4" as a string
     except ValueError:
       pass
+  if typing.get_origin(typ) is tuple:           # tuple[X, ...] from a YAML list
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{name}={value!r} should be a list")
+    return tuple(_coerce(f"{name}[{i}]", v, typing.get_args(typ)[0]) for i, v in enumerate(value))
   if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
     raise ConfigError(f"{name}={value!r} should be of type {typ.__name__}")
   return value
