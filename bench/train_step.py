@@ -133,10 +133,11 @@ def save_hf_init(run, state, path: pathlib.Path) -> None:
   import jax
 
   from deepseek_jax import convert
+  from deepseek_jax import model as model_lib
 
   def merge(a: dict, b: dict) -> dict:
     return {k: merge(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in a | b}
-  params = merge(jax.device_get(state.params), jax.device_get(state.bias))
+  params = model_lib.unstack_layers(run.cfg.model, merge(jax.device_get(state.params), jax.device_get(state.bias)))
   dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
   convert.save_hf_checkpoint(run.cfg.model, params, path, fused_experts=True, dtype=dtype, max_shard_bytes=1 << 40)
 

@@ -33,7 +33,6 @@ class ConversionError(ValueError):
 
 
 # Fields with no HF counterpart: taken from `base` (default ModelConfig()) on import.
-_NON_HF_FIELDS = ("seq_aux_alpha", "init_std", "dtype", "moe_impl", "capacity_factor", "attn_impl", "remat")
 _YARN_FIELDS = ("original_seq_len", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 
 # transformers 5.23 class defaults for the keys read below, used when a config.json omits one.
@@ -136,9 +135,9 @@ def config_from_hf(hf: dict[str, Any], base: ModelConfig | None = None) -> Model
       n_shared_experts=hf["n_shared_experts"] or 0, n_activated_experts=hf["num_experts_per_tok"],
       route_scale=float(hf["routed_scaling_factor"]), max_seq_len=hf["max_position_embeddings"],
       rms_norm_eps=float(hf["rms_norm_eps"]), n_mtp_layers=n_mtp or 0,
-      **_routing_fields(hf, kind), **_rope_fields(hf, base), **{f: getattr(base, f) for f in _NON_HF_FIELDS})
-  try:
-    cfg = ModelConfig(**fields)
+      **_routing_fields(hf, kind), **_rope_fields(hf, base))
+  try:   # what HF does not describe (dtype, init_std, kernels, ...) comes from `base`
+    cfg = dataclasses.replace(base, **fields)
   except (ConfigError, TypeError) as e:
     raise ConversionError(f"config.json: {e}") from None
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}

@@ -63,6 +63,10 @@ def grouped_swiglu(x_MD, sizes_E, w1_EDF, w3_EDF, w2_EFD, impl: str, tiles: GmmT
   fp8: an FP8 recipe (fp8.RECIPES) for all three grouped GEMMs of each projection, or "none"."""
   dt = x_MD.dtype
   F = w1_EDF.shape[2]
+  M = x_MD.shape[0]
+  if impl == "mgpu" and M % tiles.block_m:   # the kernel's TMA tiles need whole row blocks: zero rows, last group
+    pad = tiles.block_m - M % tiles.block_m
+    x_MD, sizes_E = jnp.pad(x_MD, ((0, pad), (0, 0))), sizes_E.at[-1].add(pad)
   kernel = functools.partial(gmm, impl=impl, tiles=tiles)
   matmul = kernel if fp8 == "none" else functools.partial(fp8_lib.fp8_gmm, recipe=fp8, gmm_fn=kernel)
   if tiles.fuse_w13 and impl == "mgpu":
@@ -70,7 +74,7 @@ def grouped_swiglu(x_MD, sizes_E, w1_EDF, w3_EDF, w2_EFD, impl: str, tiles: GmmT
     h_MF = swiglu(h_MH[:, :F], h_MH[:, F:])
   else:
     h_MF = swiglu(matmul(x_MD, w1_EDF.astype(dt), sizes_E), matmul(x_MD, w3_EDF.astype(dt), sizes_E))
-  return matmul(h_MF, w2_EFD.astype(dt), sizes_E)
+  return matmul(h_MF, w2_EFD.astype(dt), sizes_E)[:M]
 
 
 def batched_swiglu(x_ECD, w1_EDF, w3_EDF, w2_EFD, fp8: str = "none", fp8_gemm: str = "f8"):

@@ -21,6 +21,9 @@ from deepseek_jax.moe import update_router_bias
 from deepseek_jax.optim import make_schedule
 
 
+BATCH_KEYS = Batch._fields
+
+
 class TrainState(NamedTuple):
   step: jax.Array        # int32 scalar: optimizer steps taken
   params: Any            # nested dict of float32 arrays (nnx.Param values)
@@ -62,13 +65,21 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, cfg: Config):
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  bias = state.bias
-  if cfg.train.bias_update_speed:
-    bias = jax.tree.map(lambda b, l: update_router_bias(b, l, cfg.train.bias_update_speed), state.bias, load)
+  bias = update_biases(state.bias, load, cfg.train.bias_update_speed)
   metrics.update(load_metrics(load))
   metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["lr"] = make_schedule(cfg.optim)(state.step)
   return TrainState(state.step + 1, params, opt_state, bias), metrics
+
+
+def update_biases(bias, load, gamma: float):
+  """The aux-loss-free update of every router bias whose layer reported a load (`load` mirrors the bias tree;
+  a subtree it lacks, e.g. the MTP blocks of a forward without MTP, keeps its biases)."""
+  if not gamma:
+    return bias
+  if not isinstance(bias, dict):
+    return update_router_bias(bias, load, gamma)
+  return {k: update_biases(v, load[k], gamma) if k in load else v for k, v in bias.items()}
 
 
 def load_metrics(load) -> dict:

@@ -136,8 +136,8 @@ def test_shards_equal_the_full_load(checkpoints, name, layout):
   shardings = _rule_shardings(cfg, mesh) if layout == "rules" else _cutting_shardings(cfg, mesh)
   if layout == "cutting":   # the layout really cuts: FP8 blocks mid-way and the head_dim side of wq_b
     flat = convert.flatten(shardings[0])
-    wq = next(sh for path, sh in flat.items() if path[-2:] in (("attn", "wq_b"), ("attn", "wq")))
-    assert wq.spec[-1] is not None and wq.spec[0] is not None
+    wq = flat.get(("dense_layers", "attn", "wq_b"), flat.get(("dense_layers", "attn", "wq")))
+    assert wq.spec[-1] is not None and wq.spec[1] is not None   # [layers, rows, heads, cols]
   params, bias = hf_load.load_hf_params(path, cfg, *shardings)
   _, want = convert.load_hf_checkpoint(path, base=cfg)
   _assert_shards_equal(params, bias, model.stack_layers(cfg, want), shardings)
@@ -156,10 +156,10 @@ def test_each_byte_is_read_once(checkpoints, monkeypatch):
     read.append(out.nbytes)
     real(f, offset, out, what)
   monkeypatch.setattr(hf_load, "_readinto", counting)
-  hf_load.load_hf_params(path, cfg, *_rule_shardings(cfg, _mesh()))
+  hf_load.load_hf_params(path, cfg, *_rule_shardings(cfg, make_mesh(MeshConfig(data=8))))   # all replicated
   tensor_bytes = sum(t.dtype.itemsize * int(np.prod(t.shape)) for f in path.glob("*.safetensors")
                      for t in hf_load._read_header(f).values())
-  assert sum(read) == tensor_bytes   # the rules replicate non-expert weights 8x: each is still read once
+  assert sum(read) == tensor_bytes   # every weight replicated 8x: each is still read once
 
 
 # Errors --------------------------------------------------------------------------------------------------
@@ -227,11 +227,11 @@ def test_wrong_shape_and_architecture(checkpoints, tmp_path):
 def test_bad_shardings(checkpoints):
   cfg, path = checkpoints["v2"]
   params_sh, bias_sh = _rule_shardings(cfg, _mesh())
-  del params_sh["layers"][0]["attn"]["wo"]
-  _load_error(path, cfg, r"param_shardings: no entry for layers.0.attn.wo", (params_sh, bias_sh))
+  del params_sh["dense_layers"]["attn"]["wo"]
+  _load_error(path, cfg, r"param_shardings: no entry for dense_layers.attn.wo", (params_sh, bias_sh))
   params_sh, bias_sh = _rule_shardings(cfg, _mesh())
-  bias_sh["layers"][1]["ffn"]["bias"] = P()
-  _load_error(path, cfg, r"bias_shardings: layers.1.ffn.bias is a P\w*, not a Sharding",
+  bias_sh["moe_layers"]["ffn"]["bias"] = P()
+  _load_error(path, cfg, r"bias_shardings: moe_layers.ffn.bias is a P\w*, not a Sharding",
               (params_sh, bias_sh))
 
 
@@ -291,7 +291,9 @@ def _check_streaming(results: list[dict], model_bytes: int, share: float) -> Non
           f"share {r['share'] / 2**20:.1f} MiB; read {r['read'] / 2**20:.1f} MiB; "
           f"model {model_bytes / 2**20:.1f} MiB")
     assert r["model"] == model_bytes and r["equal"]
-    assert r["read"] == r["share"] < share * model_bytes
+    # A shard split along the checkpoint's rows (HF stores [out, in]; ZeRO-3 splits our [in, out] over its
+    # first dim) is read as whole rows, so a process may read a little more than it keeps.
+    assert r["share"] <= r["read"] <= 1.25 * r["share"] and r["read"] < share * model_bytes
     assert r["growth"] - r["held"] < 0.25 * model_bytes
 
 

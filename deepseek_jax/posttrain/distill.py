@@ -70,10 +70,10 @@ def _loss_fn(params, bias, mb, teacher, *, graphdef, teacher_graphdef, cfg: Conf
   s_logits, aux = lp.forward_logits(graphdef, params, bias, mb)
   kl = logit_kl(s_logits, jax.lax.stop_gradient(t_logits), mb["weight"], dc.temperature)
   ce = -jnp.sum(mb["weight"] * lp.token_logprobs_from_logits(s_logits, mb["targets"], mb["loss_mask"]))
-  loss = kl + dc.ce_weight * ce + aux["aux_loss"] / n_micro
-  metrics = {"loss": loss, "distill_kl": kl, "ce": ce, "aux_loss": aux["aux_loss"] / n_micro,
+  loss = kl + dc.ce_weight * ce + aux.aux_loss / n_micro
+  metrics = {"loss": loss, "distill_kl": kl, "ce": ce, "aux_loss": aux.aux_loss / n_micro,
              "tokens": mb["loss_mask"].sum()}
-  return loss, (metrics, aux["load"])
+  return loss, (metrics, aux.load)
 
 
 def distill_step(state: TrainState, batch: dict, teacher, *, graphdef, teacher_graphdef, tx, cfg: Config):

@@ -77,8 +77,8 @@ def _loss_fn(params, bias, mb, *, graphdef, cfg: Config, n_micro: int):
   metrics = {"loss": loss, "pg_loss": jnp.sum(mb["weight"] * terms["pg"]), "kl": jnp.sum(tw_BL * terms["kl"]),
              "clip_frac": jnp.sum(tw_BL * terms["clipped"]), "ratio": jnp.sum(tw_BL * terms["ratio"]),
              "entropy": jnp.sum(tw_BL * lp.token_entropy_from_logits(logits_BLV, mb["loss_mask"])),
-             "aux_loss": aux["aux_loss"] / n_micro, "completion_tokens": mb["loss_mask"].sum()}
-  return loss + aux["aux_loss"] / n_micro, (metrics, aux["load"])
+             "aux_loss": aux.aux_loss / n_micro, "completion_tokens": mb["loss_mask"].sum()}
+  return loss + aux.aux_loss / n_micro, (metrics, aux.load)
 
 
 def grpo_step(state: TrainState, batch: dict, *, graphdef, tx, cfg: Config):

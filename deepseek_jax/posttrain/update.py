@@ -20,7 +20,7 @@ from deepseek_jax.optim import make_schedule
 
 def summed_grads(loss_fn: Callable, params, bias, batch: dict, n_micro: int):
   """sum over `n_micro` micro-batches (lax.scan) of grad, metrics and expert load of
-  `loss_fn(params, bias, micro_batch) -> (loss, (metrics, load_LE))`."""
+  `loss_fn(params, bias, micro_batch) -> (loss, (metrics, load))` (load: the model's Aux.load tree)."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   split = jax.tree.map(lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), batch)
 
@@ -30,19 +30,16 @@ def summed_grads(loss_fn: Callable, params, bias, batch: dict, n_micro: int):
 
   _, (m0, load0) = jax.eval_shape(loss_fn, params, bias, jax.tree.map(lambda x: x[0], split))
   init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (jax.eval_shape(lambda p: p, params), m0, load0))
-  (grads, metrics, load_LE), _ = jax.lax.scan(micro, init, split)
-  return grads, metrics, load_LE
+  (grads, metrics, load), _ = jax.lax.scan(micro, init, split)
+  return grads, metrics, load
 
 
-def apply_gradients(state: trainer.TrainState, grads, load_LE, *, tx, cfg: Config):
-  """Optimizer step and router-bias update -> (new state, metrics: grad_norm, lr, load_max/min)."""
+def apply_gradients(state: trainer.TrainState, grads, load, *, tx, cfg: Config):
+  """Optimizer step and router-bias update -> (new state, metrics: grad_norm, lr, load_max/min). Without MTP
+  in the forward, `load` has no MTP subtree and the MTP biases stay as they are."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  # Without MTP the load has rows for the main model's MoE layers only; zero rows leave the MTP biases as they are
-  # (the update moves a bias by sign(mean load - load) = 0).
-  n_bias, (n_load, E) = len(trainer.moe_bias_paths(state.bias)), load_LE.shape
-  padded_LE = jnp.concatenate([load_LE, jnp.zeros((n_bias - n_load, E), load_LE.dtype)]) if n_load else load_LE
-  bias = trainer._update_biases(state.bias, padded_LE, cfg.train.bias_update_speed)
+  bias = trainer.update_biases(state.bias, load, cfg.train.bias_update_speed)
   metrics = {"grad_norm": optax.tree.norm(grads), "lr": make_schedule(cfg.optim)(state.step),
-             **trainer._load_metrics(load_LE)}
+             **trainer.load_metrics(load)}
   return trainer.TrainState(state.step + 1, params, opt_state, bias), metrics
