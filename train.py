@@ -13,7 +13,7 @@ import sys
 from deepseek_jax.checkpoint import CheckpointError
 from deepseek_jax.config import ConfigError, load_config
 from deepseek_jax.data import DataError
-from deepseek_jax.distributed import Launch, initialize
+from deepseek_jax.distributed import DistributedError, Launch, initialize
 from deepseek_jax.loop import train
 
 
@@ -28,6 +28,8 @@ def parse_args(argv=None):
   g.add_argument("--coordinator", default="", metavar="HOST:PORT", help="process 0's address")
   g.add_argument("--num-processes", type=int, default=0)
   g.add_argument("--process-id", type=int, default=-1)
+  g.add_argument("--distributed-timeout", type=int, default=300, metavar="SECONDS",
+                 help="how long to wait for the coordinator and for every process to join")
   return p.parse_args(argv)
 
 
@@ -36,9 +38,10 @@ def main(argv=None) -> int:
   try:
     cfg = load_config(args.config, args.set)
     initialize(Launch(coordinator=args.coordinator, num_processes=args.num_processes,
-                      process_id=args.process_id, auto=args.distributed == "auto"))
+                      process_id=args.process_id, auto=args.distributed == "auto",
+                      initialization_timeout=args.distributed_timeout))
     train(cfg, resume=args.resume)
-  except (ConfigError, DataError, CheckpointError, ValueError) as e:
+  except (ConfigError, DataError, CheckpointError, DistributedError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

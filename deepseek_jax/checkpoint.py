@@ -3,16 +3,23 @@
 Orbax writes `<dir>/<step>.orbax-checkpoint-tmp-<time>/`, puts `commit_success.txt` in it, then renames it to
 `<dir>/<step>/`: a killed save leaves only an unlisted tmp dir. We also skip step dirs without the marker (partial
 copies); a committed step that fails to read raises CheckpointError instead of falling back to an older one.
+
+Several processes (one per host) share one checkpoint directory: each writes its own array shards and its own
+Grain iterator position (`data/process_<i>-of-<n>.json`). Every process must therefore see the same steps, and
+a run with a data iterator resumes only with the process count that saved it; both are one-line errors.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 _policies = ocp.checkpoint_managers
 
@@ -61,8 +68,19 @@ class Checkpointer:
     return sorted(self._mngr.all_steps())
 
   def latest_step(self) -> int | None:
-    """The newest committed step; None for an empty or missing directory."""
-    return self._mngr.latest_step()
+    """The newest committed step; None for an empty or missing directory.
+
+    With several processes this is a collective (every process must call it) that fails unless all of them
+    see the same step: a directory that is not shared would otherwise let some hosts resume and others start
+    afresh."""
+    step = self._mngr.latest_step()
+    if jax.process_count() > 1:
+      seen = multihost_utils.process_allgather(np.int64(-1 if step is None else step)).tolist()
+      if len(set(seen)) > 1:
+        by_process = ", ".join(f"process {i}: {s if s >= 0 else 'none'}" for i, s in enumerate(seen))
+        raise CheckpointError(f"processes see different latest checkpoints in {self.directory} ({by_process}); "
+                              "the checkpoint directory must be one directory shared by every host")
+    return step
 
   def restore(self, step: int | None, abstract_state: Any, data_iter=None) -> Any:
     """Reads step `step` (None = latest) into the shapes, dtypes and shardings of `abstract_state`.
@@ -90,6 +108,8 @@ class Checkpointer:
     wanted = ["_CHECKPOINT_METADATA", "state"] + (["data"] if with_data else [])
     if missing := [name for name in wanted if not (path / name).exists()]:
       raise CheckpointError(f"{path} is incomplete: {', '.join(missing)} missing")
+    if with_data:
+      _check_data_processes(path)
     target = _leaves(abstract_state)
     for name, leaf in target.items():
       sharding = getattr(leaf, "sharding", None)
@@ -124,6 +144,33 @@ class Checkpointer:
   def close(self) -> None:
     self.wait()
     self._mngr.close()
+
+
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def saved_process_count(path: epath.Path) -> int | None:
+  """How many processes saved the Grain iterator positions of the step directory `path` (from grain's file
+  names data/process_<i>-of-<n>.json); None if there are none."""
+  counts = {int(m[2]) for f in (path / "data").iterdir() if (m := _DATA_FILE.fullmatch(f.name))}
+  if len(counts) > 1:
+    raise CheckpointError(f"{path}/data mixes iterator files of {sorted(counts)} processes")
+  return counts.pop() if counts else None
+
+
+def _check_data_processes(path: epath.Path) -> None:
+  """Each process reads back its own iterator position, so the process count must be the one that saved."""
+  saved, now = saved_process_count(path), jax.process_count()
+  if saved is not None and saved != now:
+    raise CheckpointError(f"{path} was saved by {_processes(saved)} but this run has {now}: each process "
+                          f"resumes its own position in the data, so resume with {_processes(saved)}")
+  own = f"process_{jax.process_index()}-of-{now}.json"
+  if not (path / "data" / own).exists():
+    raise CheckpointError(f"{path} is incomplete: data/{own} missing")
+
+
+def _processes(n: int) -> str:
+  return f"{n} process" + ("" if n == 1 else "es")
 
 
 def _key_name(k) -> str:

@@ -101,7 +101,8 @@ def _restore_or_init(run: Run, ckpt: Checkpointer | None, resume: bool, train_it
       raise ConfigError("--resume needs train.ckpt_dir")
     if ckpt.latest_step() is not None:
       state = ckpt.restore(None, run.abstract_state(), train_it)
-      print(f"resumed from {ckpt.directory} at step {int(state.step)}")
+      if jax.process_index() == 0:
+        print(f"resumed from {ckpt.directory} at step {int(state.step)}")
       return state
   return run.init_state()
 
@@ -139,7 +140,8 @@ def train(cfg: Config, resume: bool = False, devices=None):
     if cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.steps):
       ev = {"step": step + 1, **evaluate(run, state, cfg)}
       log.write(ev)
-      bar.write(f"step {step + 1}: val_loss {ev['val_loss']:.4f} val_ppl {ev['val_ppl']:.2f}")
+      if jax.process_index() == 0:          # tqdm.write prints even where the bar is disabled
+        bar.write(f"step {step + 1}: val_loss {ev['val_loss']:.4f} val_ppl {ev['val_ppl']:.2f}")
       history.append(ev)
   if pending is not None:
     history.append(log.record(*pending))

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from deepseek_jax import optim  # noqa: E402
-from deepseek_jax.checkpoint import Checkpointer, CheckpointError  # noqa: E402
+from deepseek_jax.checkpoint import Checkpointer, CheckpointError, saved_process_count  # noqa: E402
 from deepseek_jax.config import OptimConfig  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -128,6 +128,38 @@ def test_grain_iterator_resumes_identically(tmp_path):
   for want in expected:
     np.testing.assert_array_equal(next(resumed), want)
   np.testing.assert_array_equal(expected[0], np.arange(12, 16))
+
+
+def _save_with_iterator(directory, step=3):
+  it, state = iter(grain.MapDataset.range(100).batch(4).to_iter_dataset()), {"w": jnp.zeros(2)}
+  next(it)
+  ckpt = Checkpointer(directory, keep=2, every=1)
+  assert ckpt.save(step, state, data_iter=it)
+  ckpt.close()
+  return state, iter(grain.MapDataset.range(100).batch(4).to_iter_dataset())
+
+
+def test_iterator_resumes_only_with_the_process_count_that_saved(tmp_path, monkeypatch):
+  """Saved by 1 process, resumed as process 0 of 2 (2 -> 1 runs for real in test_multihost.py)."""
+  state, fresh = _save_with_iterator(tmp_path)
+  assert saved_process_count(tmp_path / "3") == 1
+  ckpt = Checkpointer(tmp_path, keep=2, every=1)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(CheckpointError, match=r"/3 was saved by 1 process but this run has 2: each process resumes "
+                                            r"its own position in the data, so resume with 1 process$"):
+    ckpt.restore(3, abstract(state), data_iter=fresh)
+
+
+def test_missing_iterator_file_of_this_process_is_reported(tmp_path, monkeypatch):
+  """A step whose data/ holds process 0's position only, read by process 1 of 2."""
+  state, fresh = _save_with_iterator(tmp_path)
+  data = tmp_path / "3" / "data"
+  (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+  ckpt = Checkpointer(tmp_path, keep=2, every=1)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  with pytest.raises(CheckpointError, match=r"/3 is incomplete: data/process_1-of-2.json missing$"):
+    ckpt.restore(3, abstract(state), data_iter=fresh)
 
 
 def test_empty_or_missing_directory_has_no_latest_step(tmp_path):
