@@ -141,9 +141,10 @@ def dims(cfg: Config) -> Dims:
 
 def ep_buffers(cfg: Config) -> dict[str, Any]:
   """The routed experts' rows on one device (sharding/expert_parallel.py): the path, the rows R the expert FFN
-  runs on, and the dispatch/combine buffers [P, cap, D] (send, receive, expert output, returned: 4 live in
-  one MoE layer). Dropless: cap = T * min(k, E/P); capacity: cap = E/P * ceil(cf * T * k / E); dropless
-  with P = 1 runs on the T*k local rows with no buffer."""
+  runs on, and the all_to_all buffers [P, cap, D]: two live at once (an all_to_all's send and receive; the
+  dispatch, the combine and their transposes in the backward run one after another, and the rows the experts
+  keep for their backward are counted in the block, see `block_saved`). Dropless: cap = T * min(k, E/P);
+  capacity: cap = E/P * ceil(cf * T * k / E); dropless with P = 1 runs on the T*k local rows, no buffer."""
   m, d = cfg.model, dims(cfg)
   T, k, E, P = d.tok, m.n_activated_experts, m.n_routed_experts, d.experts
   out = {"P": P, "cap": 0, "D": m.dim, "dtype": m.dtype, "rows": T * k, "buffer_bytes": 0, "n_buffers": 0,
@@ -159,7 +160,7 @@ def ep_buffers(cfg: Config) -> dict[str, Any]:
   else:
     path, out["cap"] = "dropless", T * min(k, E // P)
   if out["cap"]:
-    out.update(rows=P * out["cap"], buffer_bytes=P * out["cap"] * m.dim * d.dt, n_buffers=4)
+    out.update(rows=P * out["cap"], buffer_bytes=P * out["cap"] * m.dim * d.dt, n_buffers=2)
   return {**out, "path": path, "bytes": out["n_buffers"] * out["buffer_bytes"]}
 
 

@@ -2,6 +2,7 @@
 analytic activation formulas against JAX's own saved residuals, the expert-parallel buffers against the
 lowered step, the compiled extrapolation, and its errors."""
 
+import json
 import math
 import pathlib
 
@@ -78,6 +79,19 @@ def test_671b_parameter_bytes_without_allocation(n_layers):
     assert p["n_params"] == pytest.approx(682.64e9, rel=1e-4)
 
 
+def test_cli_table_json_and_verdict(capsys):
+  args = ["--config", TINY, "--mesh", "1,2,2,2", "--no-compile", "--set", "model.remat=full"]
+  assert plan.main(args + ["--json"]) == 0
+  p = json.loads(capsys.readouterr().out)
+  assert p["bytes"]["params"] == plan.state_bytes(Run(_cfg(TINY, "1,2,2,2"), 8))["params"]
+  assert p["total"] == p["bytes"]["params"] + p["bytes"]["optimizer"] + max(p["activations"]["phases"].values())
+  assert p["fits"] and p["compiled"] is None
+  assert plan.main(args + ["--hbm-gb", str(p["total"] / 2e9)]) == 0
+  text = capsys.readouterr().out
+  assert "| parameters " in text and "| EP buffers " in text
+  assert f"fits in {p['total'] / 2e9:g} GB HBM: no (over by" in text
+
+
 # Errors -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mesh, words", [("1,2,3,1", "n_routed_experts=8"), ("1,1,1,8", "n_heads=4"),
@@ -126,6 +140,7 @@ def test_v3_ep_buffers_at_ep_64():
   assert (dropless["cap"], dropless["rows"]) == (4096 * 4, 64 * 4096 * 4)     # T * min(k, E/P), E/P = 4
   assert dropless["buffer_bytes"] == 64 * 16384 * 7168 * 2                    # 15.0 GB
   assert dropless["payload_bytes"] == 4096 * 8 * 7168 * 2                     # 0.47 GB
+  assert dropless["bytes"] == 2 * dropless["buffer_bytes"]                      # send + receive
   capacity = plan.ep_buffers(_cfg(V3, "1,4,64,1", "model.capacity_factor=1.25", micro_batch=1))
   assert capacity["cap"] == 4 * math.ceil(1.25 * 4096 * 8 / 256)              # 640
 
