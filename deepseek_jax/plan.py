@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import Config, ConfigError, MeshConfig, load_config
+from deepseek_jax.run import Run
 from sharding.rules import MESH_AXES, axis_size, logical_to_spec
 
 GB = 1e9
@@ -179,7 +180,8 @@ def block_saved(cfg: Config, moe: bool) -> tuple[int, int, dict[str, int]]:
   if m.attn_type == "mla":
     qk, O = m.qk_head_dim, m.v_head_dim
     norms = 2 * _norm(tok, m.dim, dt) + _norm(tok, m.kv_lora_rank, dt)
-    w = m.dim * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * Hh * (m.qk_nope_head_dim + O) + Hh * O * m.dim
+    w = (m.dim * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * Hh * (m.qk_nope_head_dim + O)
+         + Hh * O * m.dim)                                  # wkv_a, wkv_b, wo
     if m.q_lora_rank:
       norms += _norm(tok, m.q_lora_rank, dt)
       w += m.dim * m.q_lora_rank + m.q_lora_rank * Hh * qk
@@ -202,7 +204,8 @@ def block_saved(cfg: Config, moe: bool) -> tuple[int, int, dict[str, int]]:
     R, F = ep["rows"], m.moe_inter_dim // d.mlp
     Fs = m.n_shared_experts * m.moe_inter_dim // d.mlp
     parts["expert_rows"] = R * m.dim * dt + 6 * R * F * dt   # sorted rows; gate, up, silu, product (SwiGLU)
-    parts["combine"] = tok * m.n_activated_experts * m.dim * F32 + tok * m.dim * F32 + 2 * tok * m.n_routed_experts * F32
+    parts["combine"] = (tok * m.n_activated_experts * m.dim * F32          # the f32 weighted sum over k
+                        + tok * m.dim * F32 + 2 * tok * m.n_routed_experts * F32)   # router input, scores
     parts["shared"] = 6 * tok * Fs * dt
     parts["ffn_weights"] = 3 * m.dim * (m.n_routed_experts // d.experts * F + Fs) * dt
     largest = max(largest, R * m.dim * dt, tok * m.n_activated_experts * m.dim * F32)
@@ -238,13 +241,17 @@ def activations(cfg: Config, grads: int) -> dict[str, Any]:
   head_transient = tok * V * F32 + D * V * dt        # d(logits) in f32 and the gathered bf16 head
   embed_transient = V * D * (dt + F32)               # the gathered table's gradient, bf16 then f32
   ep = ep_buffers(cfg)["bytes"] if n_moe else 0
+  # FSDP traffic: every block's weights gathered (bf16) for the forward and again for the recompute/backward,
+  # its gradients reduce-scattered: ~3x the gathered bytes per micro-batch, grad_accum micro-batches per step.
+  gathered = sum(n * (parts["attn_weights"] + parts["ffn_weights"])
+                 for n, parts in ((n_moe, moe_parts), (n_dense, dense_parts)) if n)
   phases = {"loss": residuals + head_transient,
             "blocks": max(residuals, grads) + block_transient + ep,
             "embedding": grads + embed_transient}
   return {"residuals": residuals, "residual_parts": {**outside, "blocks": blocks},
           "block_transient": block_transient, "head_transient": head_transient,
           "embed_transient": embed_transient, "moe_block": moe_parts, "dense_block": dense_parts,
-          "phases": phases}
+          "phases": phases, "fsdp_bytes_per_step": 3 * gathered * cfg.train.grad_accum}
 
 
 # Compiled: reduced depth on simulated CPU devices, extrapolated ------------------------------------------
@@ -260,9 +267,8 @@ def compile_depths(cfg: Config) -> tuple[int, ...]:
 def compiled_temp(cfg: Config, devices, depths: tuple[int, ...] | None = None) -> dict[str, Any]:
   """Compiles Run's train step at each depth (default `compile_depths`) and extrapolates temp bytes linearly
   from the first two to cfg.model.n_layers."""
-  from deepseek_jax.run import Run
   m = cfg.model
-  attn = m.attn_impl if m.attn_impl in ("xla",) else "xla"   # GPU/TPU kernels do not compile on CPU
+  attn = "xla"   # cudnn / splash kernels do not compile for CPU; xla materializes the S x S scores
   temps, args, seconds = [], [], []
   depths = depths or compile_depths(cfg)
   for depth in depths:
@@ -302,7 +308,6 @@ def plan(cfg: Config, hbm_gb: float = 80.0, compile: bool = True) -> dict[str, A
     embedding  all gradients + the embedding table's gathered gradient
   (the residuals shrink as the gradients grow during the backward). `sum` adds every row instead.
   """
-  from deepseek_jax.run import Run
   n = n_devices(cfg.mesh)
   run = Run(cfg, n)                       # AbstractMesh: shardings and abstract state only
   st = state_bytes(run)
@@ -331,6 +336,10 @@ def plan(cfg: Config, hbm_gb: float = 80.0, compile: bool = True) -> dict[str, A
   return out
 
 
+def _count(n: int) -> str:
+  return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
 def _gb(x) -> str:
   return f"{x / GB:9.2f}"
 
@@ -339,7 +348,7 @@ def format_plan(p: dict[str, Any]) -> str:
   mesh = " x ".join(f"{a}={s}" for a, s in p["mesh"].items())
   b, ep, act = p["bytes"], p["ep"], p["activations"]
   lines = [
-      f"mesh {mesh} ({p['devices']} devices); {p['n_params'] / 1e9:.2f}B params",
+      f"mesh {mesh} ({p['devices']} devices); {_count(p['n_params'])} params",
       f"seq {p['seq_len']}, {p['seqs_per_device']} seq/device x {p['batch_shards']} batch shards x grad_accum "
       f"{p['grad_accum']} = batch {p['batch_size']}; remat {p['remat']}; mu {p['mu_dtype']}; "
       f"attn {p['attn_impl']}; MoE {p['moe_path']}",
@@ -374,6 +383,8 @@ def format_plan(p: dict[str, Any]) -> str:
       lines.append(f"one {kind.replace('_', ' ')} saves (GB, without remat): {parts}")
   parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in act["residual_parts"].items())
   lines.append(f"residuals (GB): {parts}")
+  lines.append(f"FSDP traffic: ~{act['fsdp_bytes_per_step'] / 1e12:.1f} TB per device per optimizer step "
+               f"(block weights gathered twice and gradients reduce-scattered, x grad_accum {p['grad_accum']})")
   top = ", ".join(f"{k} {v / GB:.3f}" for k, v in p["largest_params"][:3])
   lines.append(f"largest parameter shards (GB): {top}")
   return "\n".join(lines)
