@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import fp8
@@ -44,9 +44,16 @@ def resolve_config(cfg: Config) -> Config:
 class Run:
   """Holds the mesh, the jitted steps and the placement of state and batches for one config."""
 
-  def __init__(self, cfg: Config, devices: Sequence[jax.Device] | None = None):
+  def __init__(self, cfg: Config, devices: Sequence[jax.Device] | int | None = None):
+    """`devices`: the devices to run on (default: all). An int n plans for n devices that need not exist
+    (deepseek_jax/plan.py): the mesh is an AbstractMesh, so the shardings and abstract state are exact, but
+    no step can be lowered or run."""
     self.cfg = cfg = resolve_config(cfg)
-    self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    if isinstance(devices, int):
+      self.mesh = AbstractMesh(mesh_lib.mesh_shape(cfg.mesh, devices), rules.MESH_AXES,
+                               axis_types=(AxisType.Auto,) * len(rules.MESH_AXES))
+    else:
+      self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     self.graphdef, abstract_params, abstract_bias = model_lib.abstract_model(cfg.model)
     micro_batch = cfg.train.batch_size // cfg.train.grad_accum
     mesh_lib.validate_mesh_for_model(self.mesh, cfg.model, micro_batch, abstract_params)
