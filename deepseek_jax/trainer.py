@@ -42,7 +42,9 @@ def loss_fn(params, bias, batch: Batch, *, graphdef, cfg: Config):
 
 
 def _split_micro(batch: Batch, n: int) -> Batch:
-  return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+  """[B, ...] -> [n, B/n, ...] with strided rows (micro-batch i = rows i, i+n, ...): every micro-batch is spread
+  over all batch shards, as the whole batch is, instead of sitting on a few devices."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
 def train_step(state: TrainState, batch: Batch, *, graphdef, tx, cfg: Config):
