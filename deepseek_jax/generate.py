@@ -148,6 +148,8 @@ class Generator:
   def __init__(self, cfg: ModelConfig, tree: dict, *, mesh=None):
     self.cfg = dataclasses.replace(cfg, capacity_factor=0.0, remat="none")
     self.mesh = mesh
+    if "layers" not in tree:   # the scanned layout of a train state: the per-layer one is what from_pure_dict takes
+      tree = model_lib.unstack_layers(self.cfg, tree)
     self.graphdef, params, bias = model_lib.split_model(model_lib.from_pure_dict(self.cfg, tree))
     dt = jnp.dtype(self.cfg.dtype)
     cast = lambda path, x: x if _is_router_gate(path) else x.astype(dt)   # numpy input: cast on the host

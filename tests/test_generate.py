@@ -218,7 +218,7 @@ def draftable_model():
   """The v3 model made mostly a bigram model (FFN outputs zeroed, attention output x 0.05) and an MTP module
   that copies it (eh_proj = [I ; 0], its block's outputs zeroed): its drafts are often, not always, right."""
   cfg, _, params, bias = parts("v3")
-  tree = jax.tree.map(np.array, generate._deep_merge(params, bias))   # writable host copies
+  tree = M.unstack_layers(cfg, jax.tree.map(np.array, generate._deep_merge(params, bias)))   # writable host copies
   for blk in tree["layers"].values():
     blk["attn"]["wo"] *= 0.05
     blk["ffn"]["w2"] *= 0
@@ -375,7 +375,7 @@ def run_dir(tmp_path_factory):
   ckpt = Checkpointer(directory, keep=2, every=1)
   ckpt.save(5, state, meta={"config": to_dict(cfg)}, force=True)
   ckpt.close()
-  return directory, cfg, generate._deep_merge(state.params, state.bias)
+  return directory, cfg, M.unstack_layers(cfg.model, generate._deep_merge(state.params, state.bias))
 
 
 def _assert_same_tree(got, want):

@@ -22,6 +22,7 @@ from deepseek_jax.config import Config, ConfigError, MeshConfig, TrainConfig, lo
 from deepseek_jax.data import ByteTokenizer, DataError
 from deepseek_jax.posttrain import arithmetic, distill, grpo, grpo_loop, logprobs, rewards, rollout, sft, template
 from deepseek_jax.posttrain.template import Problem
+from deepseek_jax.loss import Batch
 from deepseek_jax.run import Run
 from sharding.mesh import make_mesh
 from sharding.rules import mesh_spec
@@ -128,7 +129,8 @@ def test_sft_loss_ignores_prompt_targets():
   graphdef, state, _ = _model(cfg)
   problems = arithmetic.make_problems(8, split="train", digits=2, seed=0)
   batch = next(sft.make_sft_dataset(sft.encode_examples(TOK, problems, 10, 96), seq_len=96, batch_size=2, seed=0))
-  loss = _jit(lambda b: trainer.loss_fn(state.params, state.bias, b, graphdef=graphdef, cfg=cfg)[0])
+  loss = _jit(lambda b: trainer.loss_fn(state.params, state.bias, Batch.from_dict(b), graphdef=graphdef,
+                                        cfg=cfg)[0])
   prompt = (batch["loss_mask"] == 0) & (batch["segment_ids"] > 0)
   assert prompt.sum() > 20
   scrambled = dict(batch, targets=np.where(prompt, (batch["targets"] + 17) % 256, batch["targets"]))
@@ -420,7 +422,7 @@ def test_check_reference_refuses_another_model():
   def params(*overrides):   # shapes only
     return nnx.to_pure_dict(model_lib.abstract_model(_cfg("configs/tiny-grpo.yaml", *overrides).model)[1])
   grpo.check_reference(params(), params())
-  with pytest.raises(ValueError, match=r"reference policy parameter .* has shape \(256, 64\), the policy's \(256, 1"):
+  with pytest.raises(ValueError, match=r"reference policy parameter .* has shape \(1, 64, 48\), the policy's \(1, 128, 48\)"):
     grpo.check_reference(params(), params("model.dim=64"))
   with pytest.raises(ValueError, match="do not have the policy's structure"):
     grpo.check_reference(params(), params("model.n_layers=3"))
