@@ -97,11 +97,16 @@ def _update_biases(bias_tree, load_LE, gamma: float):
 
 
 def _load_metrics(load_LE):
-  """Per MoE layer: max and min expert load relative to the mean (1.0 = perfectly balanced)."""
+  """Per MoE layer: max and min expert load relative to the mean (1.0 = perfectly balanced), and load_entropy:
+  the entropy of the load distribution p_e = load_e / sum(load) divided by log E (1.0 = uniform; every token
+  on the same k experts gives log k / log E)."""
   if load_LE.shape[0] == 0:
     return {}
   rel_LE = load_LE / jnp.maximum(load_LE.mean(-1, keepdims=True), 1e-9)
-  return {"load_max": rel_LE.max(-1), "load_min": rel_LE.min(-1)}
+  p_LE = load_LE / jnp.maximum(load_LE.sum(-1, keepdims=True), 1e-9)
+  entropy_L = -jax.scipy.special.xlogy(p_LE, p_LE).sum(-1)
+  return {"load_max": rel_LE.max(-1), "load_min": rel_LE.min(-1),
+          "load_entropy": entropy_L / jnp.log(float(max(load_LE.shape[1], 2)))}
 
 
 def eval_step(state: TrainState, batch: dict, *, graphdef, cfg: Config):
