@@ -201,6 +201,10 @@ class OptimConfig:
   weight_decay: float = 0.1
   clip_norm: float = 1.0
   mu_dtype: str = "float32"      # AdamW first moment; "bfloat16" as in DeepSeek-V3 (report 3.3) halves its memory
+  # Router gate weights (MoE `gate`) learn at lr * router_lr_scale. 1.0 = one lr for all (V3 states no
+  # separate treatment). <1 keeps the gate from outrunning the aux-loss-free bias on short warmups
+  # (bench/results/2026-11-24-balance.md).
+  router_lr_scale: float = 1.0
 
   def __post_init__(self):
     _check_choice("optim.schedule", self.schedule, ("deepseek", "cosine"))

@@ -2,6 +2,12 @@
 
 The schedule is warmup -> constant -> cosine -> constant. V3 used 2K warmup steps to 2.2e-4, held it, then a
 cosine to 2.2e-5 (final_lr_ratio=0.1). The optimizer state is a plain optax pytree, so it checkpoints as is.
+
+Router gates (the [D, E] `gate` of every MoE layer) can take a smaller step than the other weights
+(`optim.router_lr_scale`): Adam moves each gate weight by about the same amount whatever the size of its
+gradient, and early in training the router input is nearly the same vector for every token, so those steps
+shift each expert's score for all tokens at once, faster than the aux-loss-free bias (a fixed gamma per step)
+can follow. DeepSeek-V3 does not say how it treats the gate; see bench/results/2026-11-24-balance.md.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from deepseek_jax.config import ConfigError, OptimConfig
 # Substrings of a parameter path that exclude it from weight decay. Shape alone does this for unstacked
 # norms and biases (1-D), but a norm or router bias stacked over layers (scan) would be 2-D.
 NO_DECAY_NAMES = ("norm", "bias")
+# Name of the router gate weight in an MoE layer (moe.MoE.gate; Hugging Face `mlp.gate.weight`).
+ROUTER_GATE_NAME = "gate"
 
 
 def validate(cfg: OptimConfig) -> None:
@@ -33,6 +41,8 @@ def validate(cfg: OptimConfig) -> None:
     raise ConfigError(f"optim.eps={cfg.eps} must be > 0")
   if cfg.weight_decay < 0:
     raise ConfigError(f"optim.weight_decay={cfg.weight_decay} must be >= 0")
+  if not 0.0 <= cfg.router_lr_scale <= 1.0:
+    raise ConfigError(f"optim.router_lr_scale={cfg.router_lr_scale} must be in [0, 1] (1 = same lr as the rest)")
   if cfg.schedule == "cosine":
     if cfg.decay_steps <= cfg.warmup_steps:
       raise ConfigError(f"optim.schedule='cosine' needs decay_steps (total steps incl. warmup) > warmup_steps, "
@@ -65,28 +75,41 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
   return optax.join_schedules([s for _, s in parts], boundaries)
 
 
+def _names(path) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", "")))).lower() for k in path]
+
+
 def decay_mask(params):
   """True where AdamW applies weight decay: matrices, embeddings and stacked experts (ndim >= 2), but never
   norm scales or biases. Works on any pytree of arrays or ShapeDtypeStructs."""
   def keep(path, x) -> bool:
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", "")))).lower() for k in path]
+    names = _names(path)
     return x.ndim >= 2 and not any(word in n for n in names for word in NO_DECAY_NAMES)
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def router_mask(params):
+  """True on the router gate weights: the leaves whose last path key is exactly 'gate'."""
+  return jax.tree_util.tree_map_with_path(lambda path, x: bool(path) and _names(path)[-1] == ROUTER_GATE_NAME,
+                                          params)
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  """chain(clip_by_global_norm, adamw) with the learning rate kept in the state (see `current_lr`).
+  """chain(clip_by_global_norm, adamw, router scale) with the learning rate kept in the state (`current_lr`).
 
   Only the learning rate is injected: b1/b2/eps/weight_decay stay static, so after a resume the config, not
   the checkpoint, decides them. clip_norm <= 0 disables clipping through `identity`, which keeps the state's
-  tree structure (and so old checkpoints) the same either way.
+  tree structure (and so old checkpoints) the same either way. The last stage multiplies the router gates'
+  updates (Adam step and decoupled weight decay alike) by router_lr_scale; it is stateless and always
+  present, so the state's structure does not depend on the value either.
   """
   clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
   static = ("b1", "b2", "eps", "eps_root", "weight_decay", "mask", "mu_dtype")
   adamw = optax.inject_hyperparams(optax.adamw, static_args=static)(
       learning_rate=make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
       weight_decay=cfg.weight_decay, mask=decay_mask, mu_dtype=jnp.dtype(cfg.mu_dtype))
-  return optax.chain(clip, adamw)
+  router = optax.masked(optax.scale(cfg.router_lr_scale), router_mask)
+  return optax.chain(clip, adamw, router)
 
 
 def current_lr(opt_state) -> jax.Array:

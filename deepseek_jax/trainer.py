@@ -85,13 +85,18 @@ def update_biases(bias, load, gamma: float):
 
 
 def load_metrics(load) -> dict:
-  """Per MoE layer (model order, then MTP): max and min expert load relative to the mean (1.0 = balanced)."""
+  """Per MoE layer (model order, then MTP): max and min expert load relative to the mean (1.0 = balanced), and
+  load_entropy: the entropy of p_e = load_e / sum(load) over log E (1.0 = uniform; all tokens on the same k
+  experts gives log k / log E)."""
   leaves = jax.tree.leaves(load)
   if not leaves:
     return {}
   load_LE = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in leaves])
   rel_LE = load_LE / jnp.maximum(load_LE.mean(-1, keepdims=True), 1e-9)
-  return {"load_max": rel_LE.max(-1), "load_min": rel_LE.min(-1)}
+  p_LE = load_LE / jnp.maximum(load_LE.sum(-1, keepdims=True), 1e-9)
+  entropy_L = -jax.scipy.special.xlogy(p_LE, p_LE).sum(-1)
+  return {"load_max": rel_LE.max(-1), "load_min": rel_LE.min(-1),
+          "load_entropy": entropy_L / jnp.log(float(max(load_LE.shape[1], 2)))}
 
 
 def eval_step(state: TrainState, batch: Batch, *, graphdef, cfg: Config):
